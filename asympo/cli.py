@@ -1,0 +1,98 @@
+"""The `asympo` command line: run the system, one service, or a tool.
+
+Every command takes ``--config FILE`` and ``--set section.key=value`` overrides on
+top of ``ASYMPO_*`` environment variables; see ``asympo config show``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from asympo.config import ConfigError, Settings, dump_settings, load_settings
+
+app = typer.Typer(
+    name="asympo",
+    help="ASymPO: asynchronous RL post-training without behaviour log-probs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+serve_app = typer.Typer(help="Run one service in the foreground.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_help=True)
+app.add_typer(serve_app, name="serve")
+app.add_typer(config_app, name="config")
+
+console = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML config file (also ASYMPO_CONFIG).")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override one setting: section.key=value (repeatable)."),
+]
+
+
+def settings_from_cli(config: Path | None, overrides: list[str] | None) -> Settings:
+    """Load settings or exit with the configuration error printed (no traceback)."""
+    try:
+        return load_settings(config, overrides or [])
+    except ConfigError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print a user-facing error and return the Exit to raise."""
+    console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code)
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
+    """Print the resolved configuration (defaults, file, env, overrides) as YAML."""
+    print(dump_settings(settings_from_cli(config, overrides)), end="")
+
+
+def _serve(name: str, config: Path | None, overrides: list[str] | None) -> None:
+    settings = settings_from_cli(config, overrides)
+    module = importlib.import_module(f"services.{name}.main")
+    module.run(settings)
+
+
+@serve_app.command("weights")
+def serve_weights(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
+    """Versioned weight store: gRPC Publish/Fetch/Latest/Watch, HTTP /healthz /metrics."""
+    _serve("weights", config, overrides)
+
+
+@serve_app.command("reward")
+def serve_reward(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
+    """Reward worker: scores rollout groups from the stream; gRPC Score."""
+    _serve("reward", config, overrides)
+
+
+@serve_app.command("rollout")
+def serve_rollout(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
+    """Rollout replica: generates groups with vLLM, hot-swaps weights; gRPC Generate."""
+    _serve("rollout", config, overrides)
+
+
+@serve_app.command("learner")
+def serve_learner(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
+    """Learner: admits prompts, trains on scored groups, publishes versions."""
+    _serve("learner", config, overrides)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

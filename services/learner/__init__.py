@@ -1,0 +1,1 @@
+"""The learner service: one process; see main.py for the entrypoint."""

@@ -1,0 +1,1 @@
+"""The reward service: one process; see main.py for the entrypoint."""

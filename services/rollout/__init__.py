@@ -1,0 +1,1 @@
+"""The rollout service: one process; see main.py for the entrypoint."""

@@ -1,0 +1,1 @@
+"""The weights service: one process; see main.py for the entrypoint."""
