@@ -131,6 +131,10 @@ class LearnerSettings(Section):
     micro_batch: int = Field(32, ge=1, description="sequences per forward/backward")
     max_staleness: int = Field(2, ge=0)
     publish_every: int = Field(1, ge=1)
+    max_steps: int = Field(0, ge=0, description="stop after this many steps (0 = run forever)")
+    eval_every: int = Field(
+        5, ge=0, description="held-out greedy accuracy every N steps into metrics.jsonl (0 = off)"
+    )
     checkpoint_every: int = Field(10, ge=1)
     checkpoint_dir: str = "runs/learner"
     seed: int = 0
@@ -174,6 +178,11 @@ class Settings(BaseSettings):
     learner: LearnerSettings = Field(default_factory=LearnerSettings)
     task: TaskSettings = Field(default_factory=TaskSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
+    run_dir: str = Field(
+        "runs/default",
+        description="per-run directory: config.yaml, metrics.jsonl (learner, one line per step), "
+        "logs/, checkpoints/, final/ (HF-format model at stop), plot.png",
+    )
     service_token: SecretStr = Field(
         SecretStr(""), description="bearer token for mutating endpoints besides Publish"
     )
