@@ -19,6 +19,14 @@ def proto_files(root: Path) -> list[Path]:
     return sorted((root / PROTO_SUBDIR).rglob("*.proto"))
 
 
+def _find_plugin(name: str) -> str | None:
+    """A protoc plugin from PATH or beside this interpreter (a venv's bin is often not on PATH)."""
+    import shutil
+
+    local = Path(sys.executable).parent / name
+    return shutil.which(name) or (str(local) if local.exists() else None)
+
+
 def generate(root: Path, out_root: Path | None = None) -> list[Path]:
     """Run grpc_tools.protoc over ``root/proto`` writing into ``out_root`` (default ``root``).
 
@@ -40,12 +48,10 @@ def generate(root: Path, out_root: Path | None = None) -> list[Path]:
         f"--python_out={out_root}",
         f"--grpc_python_out={out_root}",
     ]
-    try:
-        import mypy_protobuf  # noqa: F401
-
+    plugins = {name: _find_plugin(name) for name in ("protoc-gen-mypy", "protoc-gen-mypy_grpc")}
+    if all(plugins.values()):  # .pyi stubs are for type checking only
+        args += [f"--plugin={name}={path}" for name, path in plugins.items()]
         args += [f"--mypy_out={out_root}", f"--mypy_grpc_out={out_root}"]
-    except ImportError:  # stubs are for type checking only
-        pass
     args += [str(f.relative_to(root / PROTO_SUBDIR)) for f in files]
     rc = protoc.main(args)
     if rc != 0:
