@@ -186,6 +186,15 @@ class Settings(BaseSettings):
     service_token: SecretStr = Field(
         SecretStr(""), description="bearer token for mutating endpoints besides Publish"
     )
+    grpc_max_message_bytes: int = Field(
+        64 << 20, ge=4096, le=1 << 30, description="largest gRPC message sent or received"
+    )
+    http_max_request_bytes: int = Field(
+        1 << 20, ge=1024, description="largest HTTP request body accepted (413 beyond)"
+    )
+    tls_cert_file: str = Field("", description="PEM certificate: gRPC servers use TLS when set")
+    tls_key_file: str = Field("", description="PEM private key matching tls_cert_file")
+    tls_ca_file: str = Field("", description="PEM root certificate gRPC clients trust (TLS on)")
 
     @classmethod
     def settings_customise_sources(
