@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,13 +22,15 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit
 
 import redis
 
 CONNECT_TIMEOUT_S = 5.0
 # Linux limits unix socket paths to 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 100
+_USERINFO_PASSWORD = re.compile(r"^([a-z]+://[^:/@]*:)[^@]*@")
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*")
 
 
 class RedisUnavailable(RuntimeError):
@@ -36,18 +39,8 @@ class RedisUnavailable(RuntimeError):
 
 def redact(url: str) -> str:
     """``url`` with any password replaced by ``***`` (for error messages and logs)."""
-    parts = urlsplit(url)
-    if parts.password is None and "password=" not in parts.query:
-        return url
-    netloc = parts.netloc
-    if parts.password is not None:
-        user = parts.username or ""
-        host = netloc.rsplit("@", 1)[1]
-        netloc = f"{user}:***@{host}"
-    query = "&".join(
-        "password=***" if kv.startswith("password=") else kv for kv in parts.query.split("&")
-    )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    url = _USERINFO_PASSWORD.sub(r"\1***@", url, count=1)
+    return _QUERY_PASSWORD.sub(r"\1***", url)
 
 
 def connect(url: str | None, embedded_dir: str = ".cache/redis") -> redis.Redis:
