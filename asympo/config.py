@@ -146,6 +146,9 @@ class TaskSettings(Section):
 
     name: str = "arith"
     path: str = Field("", description="local file or HF dataset id for gsm8k/math/jsonl")
+    verifier: str = Field(
+        "", description="overrides the task's verifier: builtin, plug-in name, module:function"
+    )
     eval_size: int = Field(200, ge=1)
     train_size: int = Field(20_000, ge=1)
     seed: int = 0

@@ -1,0 +1,64 @@
+"""Tasks: prompts with reference answers, a prompt template and the verifier to score them.
+
+``load_task(name, ...)`` is the one entry point. Names: ``arith`` (optionally with
+options, ``arith:digits=3,ops=+-*,negative=1``), ``gsm8k``, ``math`` and ``jsonl``.
+"""
+
+from __future__ import annotations
+
+from asympo.tasks.arith import (
+    ARITH_ALPHABET,
+    PRINTABLE_ALPHABET,
+    ArithSpec,
+    make_arith_task,
+    parse_arith_spec,
+)
+from asympo.tasks.base import Problem, Task, TaskError
+from asympo.tasks.gsm8k import load_gsm8k
+from asympo.tasks.jsonl import load_jsonl
+from asympo.tasks.math_dataset import load_math
+
+TASK_NAMES = ("arith", "gsm8k", "math", "jsonl")
+
+__all__ = [
+    "ARITH_ALPHABET",
+    "PRINTABLE_ALPHABET",
+    "TASK_NAMES",
+    "ArithSpec",
+    "Problem",
+    "Task",
+    "TaskError",
+    "load_task",
+    "make_arith_task",
+]
+
+
+def load_task(
+    name: str,
+    path: str = "",
+    seed: int = 0,
+    train_size: int = 20_000,
+    eval_size: int = 200,
+    verifier: str = "",
+) -> Task:
+    """Build task ``name``; ``path`` is a local file/directory or HF dataset id (not for arith).
+
+    ``verifier`` overrides the task's default verifier name (a builtin, a configured
+    plug-in, or ``module:function``). Raises TaskError with a readable message.
+    """
+    base, _, options = name.partition(":")
+    if base == "arith":
+        task = make_arith_task(parse_arith_spec(options), seed, train_size, eval_size)
+    elif options:
+        raise TaskError(f"task {base!r} takes no ':options' (got {name!r})")
+    elif base == "gsm8k":
+        task = load_gsm8k(path, seed, train_size, eval_size)
+    elif base == "math":
+        task = load_math(path, seed, train_size, eval_size)
+    elif base == "jsonl":
+        task = load_jsonl(path, seed, train_size, eval_size)
+    else:
+        raise TaskError(f"unknown task {name!r}; known: {', '.join(TASK_NAMES)}")
+    if verifier:
+        task.verifier = verifier
+    return task
