@@ -348,6 +348,16 @@ def needs_behaviour_logprobs(name: str) -> bool:
     return _NEEDS_BEHAVIOUR[name]
 
 
+def loss_aggregation(name: str, cfg: LossConfig) -> Aggregation:
+    """The aggregation loss ``name`` really uses under ``cfg`` (``dapo`` is always token-mean).
+
+    Gradient accumulation needs it: a micro-batch's loss is re-weighted by its share of
+    responses (seq-mean) or of tokens (token-mean) so the sum equals the full-batch loss.
+    """
+    _check_name(name)
+    return "token-mean" if name == "dapo" else cfg.aggregation
+
+
 def compute_loss(
     name: str,
     logprobs: Tensor,

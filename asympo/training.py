@@ -1,0 +1,387 @@
+"""One learner step: advantages, current-policy log-probs, the registered loss, an update.
+
+Used by the learner service and by offline experiments alike. The step is a function of
+(model, optimiser, batch of groups, config); its only side effects are the parameter
+update and, under torch.distributed, the gradient all-reduce.
+
+Sequences are ``prompt + completion`` right-padded to the micro-batch's longest; the loss
+mask covers completion tokens only. Micro-batch losses are weighted by their share of the
+batch's responses (seq-mean) or tokens (token-mean) — counted over all ranks — so the
+accumulated gradient equals the gradient of the full-batch loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+
+from asympo.advantages import compute_advantages
+from asympo.losses import (
+    LossConfig,
+    MissingBehaviourLogprobs,
+    compute_loss,
+    loss_aggregation,
+    needs_behaviour_logprobs,
+)
+from asympo.v1 import records_pb2
+
+
+@dataclass(frozen=True)
+class TrainGroup:
+    """One prompt's group as the learner trains on it.
+
+    ``completions[i]`` are sample i's token ids, ``rewards[i]`` its reward, ``versions[i]``
+    the policy version that started generating it, ``behaviour_logprobs[i]`` (optional,
+    one per completion token) its log-probs under the sampling policy.
+    """
+
+    group_id: str
+    prompt_tokens: list[int]
+    completions: list[list[int]]
+    rewards: list[float]
+    versions: list[int]
+    behaviour_logprobs: list[list[float]] | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.completions)
+        if n == 0:
+            raise ValueError(f"group {self.group_id!r} has no samples")
+        if len(self.rewards) != n or len(self.versions) != n:
+            raise ValueError(
+                f"group {self.group_id!r}: {n} completions but {len(self.rewards)} rewards "
+                f"and {len(self.versions)} versions"
+            )
+        if not self.prompt_tokens:
+            raise ValueError(f"group {self.group_id!r} has no prompt tokens")
+        if self.behaviour_logprobs is not None and [len(b) for b in self.behaviour_logprobs] != [
+            len(c) for c in self.completions
+        ]:
+            raise ValueError(
+                f"group {self.group_id!r}: behaviour log-probs do not match completion lengths"
+            )
+
+    @property
+    def oldest_version(self) -> int:
+        """The oldest policy version that generated any of its samples."""
+        return min(self.versions)
+
+
+def group_from_scored(scored: records_pb2.ScoredGroup) -> TrainGroup:
+    """The :class:`TrainGroup` of a ``ScoredGroup`` record (behaviour log-probs if complete)."""
+    rollout = scored.rollout
+    if len(scored.scores) != len(rollout.samples):
+        raise ValueError(
+            f"group {rollout.group_id!r}: {len(scored.scores)} scores for "
+            f"{len(rollout.samples)} samples"
+        )
+    samples = list(rollout.samples)
+    behaviour: list[list[float]] | None = [list(s.behaviour_logprobs) for s in samples]
+    if any(len(s.behaviour_logprobs) != len(s.completion_tokens) for s in samples):
+        behaviour = None
+    prompt = list(rollout.prompt_tokens) or list(rollout.prompt.prompt_tokens)
+    return TrainGroup(
+        group_id=rollout.group_id,
+        prompt_tokens=prompt,
+        completions=[list(s.completion_tokens) for s in samples],
+        rewards=[float(s.reward) for s in scored.scores],
+        versions=[int(s.version.start) for s in samples],
+        behaviour_logprobs=behaviour,
+    )
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """How a step trains: loss, advantage estimator, micro-batch size, clipping."""
+
+    loss: str = "asympo"
+    loss_cfg: LossConfig = field(default_factory=LossConfig)
+    advantage: str = "grpo"
+    advantage_eps: float = 1e-6
+    micro_batch: int = 32
+    grad_clip: float = 1.0  # max grad norm; <= 0 disables clipping
+    temperature: float = 1.0  # logits are divided by it, as the sampler did
+
+
+@dataclass(frozen=True)
+class _Sequence:
+    tokens: list[int]
+    prompt_len: int
+    advantage: float
+    behaviour: list[float] | None
+
+
+def flatten_groups(groups: Sequence[TrainGroup], cfg: StepConfig) -> tuple[list[_Sequence], int]:
+    """One sequence per sample with its advantage, and the number of all-equal groups."""
+    seqs: list[_Sequence] = []
+    flat_groups = 0
+    for g in groups:
+        adv, flat = compute_advantages(
+            cfg.advantage, torch.tensor([g.rewards], dtype=torch.float64), cfg.advantage_eps
+        )
+        flat_groups += flat
+        for i, completion in enumerate(g.completions):
+            seqs.append(
+                _Sequence(
+                    tokens=g.prompt_tokens + completion,
+                    prompt_len=len(g.prompt_tokens),
+                    advantage=float(adv[0, i]),
+                    behaviour=g.behaviour_logprobs[i] if g.behaviour_logprobs else None,
+                )
+            )
+    return seqs, flat_groups
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Right-padded tensors of a few sequences, all ``[b, L]`` except ``advantages [b]``."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    completion_mask: Tensor  # bool: position t holds a completion token
+    advantages: Tensor
+    behaviour_logprobs: Tensor | None  # aligned with input_ids (log p of token t)
+
+
+def collate(seqs: Sequence[_Sequence], pad_id: int, device: torch.device) -> MicroBatch:
+    """Right-pad ``seqs`` into a :class:`MicroBatch` on ``device``."""
+    width = max(len(s.tokens) for s in seqs)
+    b = len(seqs)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    attn = torch.zeros((b, width), dtype=torch.long)
+    comp = torch.zeros((b, width), dtype=torch.bool)
+    have_behaviour = all(s.behaviour is not None for s in seqs)
+    beh = torch.zeros((b, width), dtype=torch.float32) if have_behaviour else None
+    for row, s in enumerate(seqs):
+        n = len(s.tokens)
+        ids[row, :n] = torch.tensor(s.tokens, dtype=torch.long)
+        attn[row, :n] = 1
+        comp[row, s.prompt_len : n] = True
+        if beh is not None and s.behaviour is not None and n > s.prompt_len:
+            beh[row, s.prompt_len : n] = torch.tensor(s.behaviour, dtype=torch.float32)
+    adv = torch.tensor([s.advantage for s in seqs], dtype=torch.float32)
+    return MicroBatch(
+        ids.to(device),
+        attn.to(device),
+        comp.to(device),
+        adv.to(device),
+        beh.to(device) if beh is not None else None,
+    )
+
+
+def _logprobs_and_entropy(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    lse = torch.logsumexp(logits, dim=-1)  # [B, L-1]
+    picked = logits.gather(-1, input_ids[:, 1:, None]).squeeze(-1) - lse
+    # Position 0 has no prediction; a zero column keeps the result aligned with input_ids.
+    zero = torch.zeros_like(picked[:, :1])
+    logprobs = torch.cat([zero, picked], dim=1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            probs = torch.softmax(logits, dim=-1)
+            ent = lse - (probs * logits).sum(dim=-1)
+            entropy = torch.cat([zero.detach(), ent], dim=1)
+    return logprobs, entropy
+
+
+def token_logprobs(
+    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, temperature: float = 1.0
+) -> Tensor:
+    """``[B, L]``: entry t is ``log p(input_ids[:, t] | input_ids[:, :t])``; entry 0 is 0.
+
+    Computed in float32 from the model's logits (divided by ``temperature``);
+    differentiable. ``attention_mask`` ``[B, L]`` marks real tokens (right padding).
+    """
+    return _logprobs_and_entropy(model, input_ids, attention_mask, temperature)[0]
+
+
+def _world() -> tuple[int, bool]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), True
+    return 1, False
+
+
+def _all_reduce(values: Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> Tensor:
+    world, active = _world()
+    if active and world > 1:
+        dist.all_reduce(values, op=op)
+    return values
+
+
+def _micro_batches(seqs: list[_Sequence], size: int) -> Iterator[list[_Sequence]]:
+    for start in range(0, len(seqs), size):
+        yield seqs[start : start + size]
+
+
+# Sums accumulated over micro-batches and ranks, in this order.
+_SUM_KEYS = (
+    "loss",
+    "loss_positive",
+    "loss_negative",
+    "nll_positive_sum",
+    "responses_positive",
+    "nll_negative_sum",
+    "responses_negative",
+    "entropy_sum",
+    "tokens",
+    "responses",
+    "clip_sum",
+    "ratio_sum",
+    "ratio_units",
+    "flat_groups",
+    "groups",
+    "reward_sum",
+)
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    groups: Sequence[TrainGroup],
+    cfg: StepConfig,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    pad_id: int = 0,
+) -> dict[str, float]:
+    """Train one optimiser step on ``groups`` (this rank's share under torch.distributed).
+
+    ``model`` may be wrapped in DistributedDataParallel; micro-batches other than the
+    last skip the gradient sync. Returns statistics over the whole batch (all ranks):
+    loss, loss_positive, loss_negative, loss_balance, nll_positive, nll_negative,
+    entropy (mean over completion tokens, nats), grad_norm (before clipping),
+    zero_adv_groups, groups, samples, tokens, reward_mean, and clip_fraction /
+    ratio_mean / ratio_max for behaviour-corrected losses.
+    Raises MissingBehaviourLogprobs if the loss needs behaviour log-probs that are absent.
+    """
+    if cfg.micro_batch < 1:
+        raise ValueError(f"micro_batch must be >= 1, got {cfg.micro_batch}")
+    needs_behaviour = needs_behaviour_logprobs(cfg.loss)
+    if needs_behaviour and any(g.behaviour_logprobs is None for g in groups):
+        raise MissingBehaviourLogprobs(
+            f"loss {cfg.loss!r} needs behaviour log-probs but some groups have none "
+            "(set want_behaviour_logprobs on admitted prompts)"
+        )
+    world, _ = _world()
+    aggregation = loss_aggregation(cfg.loss, cfg.loss_cfg)
+    device = next(model.parameters()).device
+    seqs, flat_groups = flatten_groups(groups, cfg)
+    lengths = [len(s.tokens) - s.prompt_len for s in seqs]
+    units_local = sum(1 for n in lengths if n > 0) if aggregation == "seq-mean" else sum(lengths)
+    units_total = _all_reduce(torch.tensor([float(units_local)], dtype=torch.float64))
+    units_total_f = max(float(units_total.item()), 1.0)
+
+    sums = dict.fromkeys(_SUM_KEYS, 0.0)
+    sums["flat_groups"] = float(flat_groups)
+    sums["groups"] = float(len(groups))
+    sums["reward_sum"] = float(sum(sum(g.rewards) for g in groups))
+    ratio_max = 0.0
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    batches = list(_micro_batches(seqs, cfg.micro_batch))
+    if not batches:  # this rank got no data: still join the gradient all-reduce
+        _backward_nothing(model, pad_id, device)
+    for index, part in enumerate(batches):
+        mb = collate(part, pad_id, device)
+        sync = index == len(batches) - 1
+        ctx = (
+            model.no_sync()
+            if isinstance(model, DistributedDataParallel) and not sync
+            else contextlib.nullcontext()
+        )
+        with ctx:
+            logprobs, entropy = _logprobs_and_entropy(
+                model, mb.input_ids, mb.attention_mask, cfg.temperature, with_entropy=True
+            )
+            loss, stats = compute_loss(
+                cfg.loss,
+                logprobs,
+                mb.completion_mask,
+                mb.advantages,
+                mb.behaviour_logprobs if needs_behaviour else None,
+                cfg.loss_cfg,
+            )
+            n_tokens = float(mb.completion_mask.sum().item())
+            n_resp = float((mb.completion_mask.sum(dim=1) > 0).sum().item())
+            units = n_resp if aggregation == "seq-mean" else n_tokens
+            # DDP averages gradients over ranks; multiplying by world undoes that.
+            weight = units / units_total_f * world
+            (loss * weight).backward()
+        assert entropy is not None
+        sums["loss"] += stats["loss"] * units / units_total_f
+        sums["loss_positive"] += stats["loss_positive"]
+        sums["loss_negative"] += stats["loss_negative"]
+        sums["nll_positive_sum"] += stats["nll_positive"] * stats["responses_positive"]
+        sums["responses_positive"] += stats["responses_positive"]
+        sums["nll_negative_sum"] += stats["nll_negative"] * stats["responses_negative"]
+        sums["responses_negative"] += stats["responses_negative"]
+        sums["entropy_sum"] += float((entropy * mb.completion_mask).sum().item())
+        sums["tokens"] += n_tokens
+        sums["responses"] += float(len(part))
+        if "clip_fraction" in stats:
+            ratio_units = n_resp if cfg.loss == "gspo" else n_tokens
+            sums["clip_sum"] += stats["clip_fraction"] * ratio_units
+            sums["ratio_sum"] += stats["ratio_mean"] * ratio_units
+            sums["ratio_units"] += ratio_units
+            ratio_max = max(ratio_max, stats["ratio_max"])
+
+    params = [p for p in model.parameters() if p.grad is not None]
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm).item())
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    totals_t = _all_reduce(torch.tensor([sums[k] for k in _SUM_KEYS], dtype=torch.float64))
+    totals = dict(zip(_SUM_KEYS, (float(x) for x in totals_t), strict=True))
+    ratio_max = float(_all_reduce(torch.tensor([ratio_max]), dist.ReduceOp.MAX).item())
+    return _summarise(totals, ratio_max, grad_norm, needs_behaviour)
+
+
+def _backward_nothing(model: torch.nn.Module, pad_id: int, device: torch.device) -> None:
+    ids = torch.full((1, 1), pad_id, dtype=torch.long, device=device)
+    logits = model(input_ids=ids).logits
+    (logits.sum() * 0.0).backward()
+
+
+def _div(a: float, b: float) -> float:
+    return a / b if b > 0 else 0.0
+
+
+def _summarise(
+    t: dict[str, float], ratio_max: float, grad_norm: float, with_ratio: bool
+) -> dict[str, float]:
+    out = {
+        "loss": t["loss"],
+        "loss_positive": t["loss_positive"],
+        "loss_negative": t["loss_negative"],
+        "loss_balance": t["loss_positive"] + t["loss_negative"],
+        "nll_positive": _div(t["nll_positive_sum"], t["responses_positive"]),
+        "nll_negative": _div(t["nll_negative_sum"], t["responses_negative"]),
+        "entropy": _div(t["entropy_sum"], t["tokens"]),
+        "grad_norm": grad_norm if math.isfinite(grad_norm) else float("nan"),
+        "zero_adv_groups": t["flat_groups"],
+        "groups": t["groups"],
+        "samples": t["responses"],
+        "tokens": t["tokens"],
+        "reward_mean": _div(t["reward_sum"], t["responses"]),
+    }
+    if with_ratio:
+        out["clip_fraction"] = _div(t["clip_sum"], t["ratio_units"])
+        out["ratio_mean"] = _div(t["ratio_sum"], t["ratio_units"])
+        out["ratio_max"] = ratio_max
+    return out

@@ -1,0 +1,185 @@
+"""One learner step against a reference computed independently, sequence by sequence."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from asympo.losses import LossConfig, MissingBehaviourLogprobs
+from asympo.probe import make_probe, probe_logprobs, probe_tokens
+from asympo.training import StepConfig, TrainGroup, group_from_scored, token_logprobs, train_step
+from asympo.v1 import records_pb2
+
+VOCAB = 64
+
+
+def tiny_model(seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+    )
+    return Qwen2ForCausalLM(cfg).float()
+
+
+def fixed_groups() -> list[TrainGroup]:
+    gen = torch.Generator().manual_seed(1)
+
+    def toks(n: int) -> list[int]:
+        return [int(t) for t in torch.randint(1, VOCAB, (n,), generator=gen)]
+
+    return [
+        TrainGroup(
+            "g0", toks(5), [toks(3), toks(6), toks(1), toks(4)], [1.0, 0.0, 0.0, 1.0], [3, 3, 2, 3]
+        ),
+        TrainGroup("g1", toks(3), [toks(7), toks(2), toks(5)], [0.0, 1.0, 0.5], [4, 4, 4]),
+        TrainGroup("g2", toks(4), [toks(2), toks(3)], [1.0, 1.0], [4, 4]),  # no signal
+    ]
+
+
+def reference_gradient_step(
+    model: Qwen2ForCausalLM, groups: list[TrainGroup], lr: float, clip: float, loss: str
+) -> tuple[float, float]:
+    """ASymPO / REINFORCE seq-mean written out by hand, one unpadded sequence at a time."""
+    terms = []
+    for g in groups:
+        r = torch.tensor(g.rewards)
+        std = r.std(correction=0)
+        adv = torch.zeros_like(r) if bool((r == r[0]).all()) else (r - r.mean()) / (std + 1e-6)
+        for completion, a in zip(g.completions, adv, strict=True):
+            ids = torch.tensor([g.prompt_tokens + completion])
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            targets = ids[0, 1:]
+            lp = logp[torch.arange(len(targets)), targets][len(g.prompt_tokens) - 1 :]
+            m = -lp.mean()
+            if loss == "asympo":
+                terms.append(a * m / m.detach().clamp(min=1e-4))
+            else:
+                terms.append(a * m)
+    total = torch.stack(terms).mean()
+    model.zero_grad()
+    total.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.sqrt(torch.stack([(g**2).sum() for g in grads]).sum())
+    scale = min(1.0, clip / (float(norm) + 1e-6))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p.sub_(lr * scale * p.grad)
+    return float(total.detach()), float(norm)
+
+
+@pytest.mark.parametrize("loss", ["asympo", "reinforce"])
+@pytest.mark.parametrize("micro_batch", [1, 4, 64])
+def test_step_matches_the_independent_reference(loss: str, micro_batch: int) -> None:
+    groups = fixed_groups()
+    model = tiny_model()
+    ref = copy.deepcopy(model)
+    lr, clip = 0.05, 0.1
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    stats = train_step(
+        model, opt, groups, StepConfig(loss=loss, micro_batch=micro_batch, grad_clip=clip)
+    )
+    ref_loss, ref_norm = reference_gradient_step(ref, groups, lr, clip, loss)
+
+    assert stats["loss"] == pytest.approx(ref_loss, abs=1e-6)
+    assert stats["grad_norm"] == pytest.approx(ref_norm, rel=1e-4)
+    assert ref_norm > clip  # the clip engaged, so it is tested too
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert stats["zero_adv_groups"] == 1.0
+    assert stats["groups"] == 3.0 and stats["samples"] == 9.0
+    assert stats["tokens"] == 33.0
+    assert stats["reward_mean"] == pytest.approx(5.5 / 9)
+    assert stats["entropy"] > 0
+    if loss == "asympo":
+        assert abs(stats["loss_balance"]) < 1e-5
+        assert stats["loss_positive"] > 0.5
+    assert stats["nll_positive"] > 0 and stats["nll_negative"] > 0
+
+
+def test_micro_batching_does_not_change_token_mean_dapo_either() -> None:
+    groups = fixed_groups()
+    results = []
+    for micro in (1, 3, 100):
+        gs = [
+            TrainGroup(
+                g.group_id,
+                g.prompt_tokens,
+                g.completions,
+                g.rewards,
+                g.versions,
+                [[-1.0] * len(c) for c in g.completions],
+            )
+            for g in groups
+        ]
+        model = tiny_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        cfg = StepConfig(loss="dapo", micro_batch=micro, grad_clip=0.0)
+        stats = train_step(model, opt, gs, cfg)
+        results.append((stats, torch.cat([p.detach().flatten() for p in model.parameters()])))
+    for stats, params in results[1:]:
+        torch.testing.assert_close(params, results[0][1], rtol=1e-5, atol=1e-6)
+        assert stats["loss"] == pytest.approx(results[0][0]["loss"], abs=1e-6)
+        assert stats["clip_fraction"] == pytest.approx(results[0][0]["clip_fraction"])
+
+
+def test_behaviour_loss_without_behaviour_logprobs_is_refused_before_any_update() -> None:
+    model = tiny_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(MissingBehaviourLogprobs, match="grpo"):
+        train_step(model, opt, fixed_groups(), StepConfig(loss="grpo", loss_cfg=LossConfig()))
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_token_logprobs_align_with_input_ids_and_ignore_right_padding() -> None:
+    model = tiny_model()
+    ids = torch.tensor([[5, 9, 3, 7], [5, 9, 0, 0]])
+    attn = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    lp = token_logprobs(model, ids, attn)
+    assert lp.shape == (2, 4)
+    assert torch.all(lp[:, 0] == 0)
+    torch.testing.assert_close(lp[0, 1:], torch.tensor(probe_logprobs(model, [5, 9, 3, 7])))
+    torch.testing.assert_close(lp[1, 1], lp[0, 1])
+
+
+def test_probe_is_deterministic_and_changes_with_the_weights() -> None:
+    tokens = probe_tokens(VOCAB)
+    assert tokens == probe_tokens(VOCAB) and len(tokens) == 32
+    model = tiny_model()
+    probe = make_probe(model, tokens, 1e-3)
+    assert len(probe.logprobs) == len(tokens) - 1
+    assert all(x < 0 for x in probe.logprobs)
+    other = probe_logprobs(tiny_model(seed=1), tokens)
+    assert max(abs(a - b) for a, b in zip(probe.logprobs, other, strict=True)) > 1e-3
+
+
+def test_group_from_scored_record() -> None:
+    sample = records_pb2.Sample(
+        completion_tokens=[4, 5], version=records_pb2.VersionRange(start=2, end=3)
+    )
+    rollout = records_pb2.RolloutGroup(
+        group_id="run/0:1", prompt_tokens=[1, 2], samples=[sample, sample]
+    )
+    scored = records_pb2.ScoredGroup(
+        rollout=rollout, scores=[records_pb2.SampleScore(reward=1.0), records_pb2.SampleScore()]
+    )
+    g = group_from_scored(scored)
+    assert g.group_id == "run/0:1" and g.prompt_tokens == [1, 2]
+    assert g.rewards == [1.0, 0.0] and g.versions == [2, 2] and g.behaviour_logprobs is None
+    del scored.scores[1]
+    with pytest.raises(ValueError, match="1 scores for 2 samples"):
+        group_from_scored(scored)
