@@ -219,7 +219,7 @@ class Settings(BaseSettings):
 def _parse_value(raw: str) -> Any:
     """Scalars stay strings (pydantic coerces them); JSON/YAML lists and maps are parsed."""
     text = raw.strip()
-    if text[:1] in "[{":
+    if text and text[0] in "[{":  # "" is in every string: an empty value stays ""
         try:
             return yaml.safe_load(text)
         except yaml.YAMLError as exc:
