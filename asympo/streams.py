@@ -41,6 +41,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from asympo.v1 import records_pb2
 
 if TYPE_CHECKING:
+    from redis.commands.core import Script
+
     from asympo.config import StreamSettings
 
 log = logging.getLogger(__name__)
@@ -287,6 +289,7 @@ class Consumer(Generic[M]):
         self._next_reclaim_at = 0.0
         self._reclaim_cursor = "0-0"
         self._next_lag_at = 0.0
+        self._produce_and_ack: Script | None = None
         self.ensure_group()
 
     @classmethod
@@ -378,19 +381,28 @@ class Consumer(Generic[M]):
                 raise
             self.ensure_group()
             return []
+        scan_start = self._reclaim_cursor
         cursor, entries = reply[0], reply[1]
         self._reclaim_cursor = _str(cursor)
         claimed: list[tuple[str, dict[bytes, bytes]]] = []
-        vanished: list[str] = []
+        unknown_trimmed = 0
         for entry_id, fields in entries:
-            if entry_id is None:  # Redis 6.2: a trimmed entry comes back as nil, id unknown
-                continue
-            if fields is None:
-                vanished.append(_str(entry_id))
+            if entry_id is None or fields is None:
+                unknown_trimmed += 1
             else:
                 claimed.append((_str(entry_id), fields))
-        if vanished:  # trimmed away while pending: nothing left to process or dead-letter
-            self.redis.xack(self.stream_key, self.group, *vanished)
+        trimmed = len(reply[2]) if len(reply) > 2 else 0  # Redis >= 7 drops them itself
+        if unknown_trimmed:
+            trimmed += self._ack_trimmed(scan_start, self._reclaim_cursor)
+        if trimmed:
+            # MAXLEN removed them before anyone finished them: the stream bound is too small
+            # for the consumers' pace. Nothing is left to process or to dead-letter.
+            log.warning(
+                "%d pending entries of %s (group %s) were trimmed before being acked",
+                trimmed,
+                self.stream_key,
+                self.group,
+            )
         if not claimed:
             return []
         pipe = self.redis.pipeline(transaction=False)
@@ -413,6 +425,34 @@ class Consumer(Generic[M]):
                 self.consumer,
             )
         return raws
+
+    def _ack_trimmed(self, start: str, end: str) -> int:
+        """Ack our pending entries in [start, end] that no longer exist; returns how many.
+
+        Redis 6.2 keeps trimmed entries pending forever and XAUTOCLAIM returns them as nil
+        (redis-py then loses their ids), so they are found by checking existence.
+        """
+        pending: list[Any] = cast(
+            "list[Any]",
+            self.redis.xpending_range(
+                self.stream_key,
+                self.group,
+                start,
+                "+" if end == "0-0" else end,
+                1000,
+                consumername=self.consumer,
+            ),
+        )
+        if not pending:
+            return 0
+        ids = [_str(p["message_id"]) for p in pending]
+        pipe = self.redis.pipeline(transaction=False)
+        for entry_id in ids:
+            pipe.xrange(self.stream_key, min=entry_id, max=entry_id, count=1)
+        gone = [entry_id for entry_id, found in zip(ids, pipe.execute(), strict=True) if not found]
+        if gone:
+            self.redis.xack(self.stream_key, self.group, *gone)
+        return len(gone)
 
     def _deliver(self, raws: Sequence[_Raw]) -> list[Delivery[M]]:
         deliveries: list[Delivery[M]] = []
@@ -644,5 +684,7 @@ def produce_and_ack(
             fields[FIELD_TYPE],
             fields[FIELD_MSG],
         ]
-    fresh, new_ids = consumer.redis.eval(_PRODUCE_AND_ACK, len(keys), *keys, *args)
+    if consumer._produce_and_ack is None:  # EVALSHA after the first call, not the source
+        consumer._produce_and_ack = cast("Script", consumer.redis.register_script(_PRODUCE_AND_ACK))
+    fresh, new_ids = cast("list[Any]", consumer._produce_and_ack(keys=keys, args=args))
     return Committed([_str(i) for i in new_ids], duplicate=not bool(fresh))

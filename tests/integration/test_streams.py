@@ -375,6 +375,41 @@ def test_maxlen_is_respected(redis_client: redis.Redis, key_prefix: str) -> None
     assert last.seq == 1999
 
 
+def test_pending_entries_trimmed_away_do_not_stay_pending(
+    redis_client: redis.Redis, key_prefix: str
+) -> None:
+    stream = f"{key_prefix}trimmed"
+    producer = Producer(redis_client, stream, records_pb2.PromptTask, maxlen=None)
+    producer.send_many(records_pb2.PromptTask(seq=i) for i in range(5))
+    dead = Consumer(redis_client, stream, "g", "dead", records_pb2.PromptTask, "dl")
+    assert len(dead.read(count=3)) == 3  # then never acked
+    redis_client.xtrim(stream, maxlen=0)  # the bound removed them while pending
+    producer.send(records_pb2.PromptTask(seq=99))
+    time.sleep(0.01)
+    alive = Consumer(
+        redis_client, stream, "g", "alive", records_pb2.PromptTask, "dl", reclaim_idle_ms=1
+    )
+    got = alive.read(count=10)
+    assert [d.msg.seq for d in got] == [99]
+    alive.ack(got)
+    assert redis_client.xpending(stream, "g")["pending"] == 0
+
+
+def test_ack_in_a_transaction_with_the_effect(redis_client: redis.Redis, key_prefix: str) -> None:
+    src, out = f"{key_prefix}in", f"{key_prefix}out"
+    Producer(redis_client, src, records_pb2.RolloutGroup).send(rollout_group(5))
+    consumer = Consumer(redis_client, src, "g", "c", records_pb2.RolloutGroup, "dl")
+    output = Producer(redis_client, out, records_pb2.ScoredGroup)
+    [delivery] = consumer.read()
+    pipe = redis_client.pipeline(transaction=True)
+    output.queue(pipe, [records_pb2.ScoredGroup(rollout=delivery.msg)])
+    assert consumer.ack(delivery, pipeline=pipe) == 0  # only queued
+    assert redis_client.xpending(src, "g")["pending"] == 1
+    pipe.execute()
+    assert redis_client.xpending(src, "g")["pending"] == 0
+    assert redis_client.xlen(out) == 1
+
+
 def test_lag_is_readable(redis_client: redis.Redis, key_prefix: str) -> None:
     stream = f"{key_prefix}rollouts"
     registry = CollectorRegistry()
