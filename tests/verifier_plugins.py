@@ -39,3 +39,9 @@ def shouting(response: str, reference: str) -> tuple[float, str]:
     """Reward 1 for an all-caps response: a verifier no builtin could stand in for."""
     loud = bool(response) and response.isupper()
     return (1.0 if loud else 0.0, "loud" if loud else "quiet")
+
+
+def sleepy(response: str, reference: str) -> Verdict:
+    """GSM8K verification that takes a while (so a batch is in flight long enough to kill)."""
+    time.sleep(0.25)
+    return verify_gsm8k(response, reference)

@@ -19,15 +19,20 @@ from asympo.tasks.jsonl import load_jsonl
 from asympo.tasks.math_dataset import load_math
 
 TASK_NAMES = ("arith", "gsm8k", "math", "jsonl")
+# The verifier each task uses unless configured otherwise (the reward service falls back
+# to this when a prompt arrives without a verifier name).
+DEFAULT_VERIFIERS = {"arith": "gsm8k", "gsm8k": "gsm8k", "math": "math", "jsonl": "math"}
 
 __all__ = [
     "ARITH_ALPHABET",
+    "DEFAULT_VERIFIERS",
     "PRINTABLE_ALPHABET",
     "TASK_NAMES",
     "ArithSpec",
     "Problem",
     "Task",
     "TaskError",
+    "default_verifier",
     "load_task",
     "make_arith_task",
 ]
@@ -62,3 +67,8 @@ def load_task(
     if verifier:
         task.verifier = verifier
     return task
+
+
+def default_verifier(task_name: str) -> str:
+    """The default verifier of task ``task_name`` (``arith:digits=3`` works); '' if unknown."""
+    return DEFAULT_VERIFIERS.get(task_name.partition(":")[0], "")

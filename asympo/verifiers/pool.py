@@ -194,17 +194,20 @@ class VerifierPool:
             reply = worker.conn.recv() if arrived else None
         except (EOFError, OSError):
             reply, arrived = None, True
+        elapsed = time.monotonic() - started
         if reply is None:
             self._swap_in(worker)
             if arrived:
                 self.crashes += 1
                 code = worker.process.exitcode
-                return Verdict(0.0, f"{CRASHED} (exit code {code})", failed=True)
+                return Verdict(0.0, f"{CRASHED} (exit code {code})", failed=True, elapsed_s=elapsed)
             self.timeouts += 1
-            elapsed = time.monotonic() - started
-            return Verdict(0.0, f"{TIMEOUT} after {elapsed:.1f}s", timed_out=True)
+            return Verdict(
+                0.0, f"{TIMEOUT} after {elapsed:.1f}s", timed_out=True, elapsed_s=elapsed
+            )
         _, reward, reason, timed_out, failed = reply
-        return Verdict(float(reward), str(reason), bool(timed_out), bool(failed))
+        elapsed = time.monotonic() - started
+        return Verdict(float(reward), str(reason), bool(timed_out), bool(failed), elapsed)
 
     def _swap_in(self, worker: _Worker) -> None:
         """Replace a dead or hung worker in place (the caller returns the object to the queue)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Real
 
 
@@ -14,12 +14,14 @@ class Verdict:
     ``timed_out``: the verifier was cut off at its time limit (reward 0; a judgement
     on the response). ``failed``: the verifier itself broke (crashed, raised, unknown
     name) — not a judgement on the response, so the reward service dead-letters it.
+    ``elapsed_s``: wall time of the call as the pool measured it (not compared).
     """
 
     reward: float
     reason: str
     timed_out: bool = False
     failed: bool = False
+    elapsed_s: float = field(default=0.0, compare=False)
 
 
 # A verifier takes (response, reference) and judges the response.
