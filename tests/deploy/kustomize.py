@@ -93,8 +93,10 @@ def strategic_merge(base: Any, patch: Any, field: str = "") -> Any:
         key = MERGE_KEYS[field]
         by_key = {b.get(key): b for b in base}
         merged = [
-            strategic_merge(by_key[p.get(key)], p, field) if p.get(key) in by_key else _drop_nulls(p)
-            for p in patch
+            strategic_merge(by_key[item.get(key)], item, field)
+            if item.get(key) in by_key
+            else _drop_nulls(item)
+            for item in patch
         ]
         named = {p.get(key) for p in patch}
         return merged + [b for b in base if b.get(key) not in named]
@@ -164,10 +166,7 @@ def _matches(doc: Doc, target: Doc) -> bool:
 
 
 def _apply_patch(docs: list[Doc], entry: Doc, base_dir: Path) -> list[Doc]:
-    if "path" in entry:
-        text = (base_dir / entry["path"]).read_text()
-    else:
-        text = entry["patch"]
+    text = (base_dir / entry["path"]).read_text() if "path" in entry else entry["patch"]
     parsed = list(yaml.safe_load_all(text))
     target = entry.get("target")
     if len(parsed) == 1 and isinstance(parsed[0], list):
@@ -213,9 +212,9 @@ def _transform(docs: list[Doc], k: Doc, directory: Path) -> list[Doc]:
         for d in docs:
             d["metadata"].setdefault("labels", {}).update(label_set["pairs"])
     for rep in k.get("replicas", []):
-        hits = [d for d in docs if d["kind"] in WITH_REPLICAS and d["metadata"]["name"] == rep["name"]]
-        for d in hits:
-            d["spec"]["replicas"] = rep["count"]
+        for d in docs:
+            if d["kind"] in WITH_REPLICAS and d["metadata"]["name"] == rep["name"]:
+                d["spec"]["replicas"] = rep["count"]
     if k.get("images"):
         for d in docs:
             pod = _pod_spec(d)

@@ -1,0 +1,217 @@
+"""docker-compose.yml and Dockerfile: valid against the Compose specification, and in
+agreement with asympo/config.py, deploy/prometheus and deploy/grafana."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+from tests.deploy.manifests import (
+    ROOT,
+    SERVICES,
+    compose_env,
+    compose_file,
+    effective_settings,
+    served,
+)
+
+Doc = dict[str, Any]
+
+
+def asympo_services(compose: Doc) -> dict[str, tuple[str, Doc]]:
+    """compose service name -> (ASymPO service it runs, its definition)."""
+    out = {}
+    for name, svc in compose["services"].items():
+        runs = served(list(svc.get("command") or [])) or served(list(svc.get("entrypoint") or []))
+        if runs:
+            out[name] = (runs, svc)
+    return out
+
+
+def dns_names(compose: Doc, name: str) -> set[str]:
+    """Names under which a compose service is reachable: its own and its aliases."""
+    names = {name}
+    for net in (compose["services"][name].get("networks") or {}).values():
+        names.update((net or {}).get("aliases", []))
+    return names
+
+
+def published_ports(svc: Doc) -> set[int]:
+    """Container ports a compose service publishes or exposes."""
+    ports = {int(str(p).split(":")[-1].split("/")[0]) for p in svc.get("ports", [])}
+    return ports | {int(p) for p in svc.get("expose", [])}
+
+
+def test_compose_validates_against_compose_spec() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
+         str(ROOT / "docker-compose.yml")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_interpolation() -> None:
+    compose = compose_file({"ASYMPO_REWARD_REPLICAS": "5", "LEARNER_GPUS": "4"})
+    assert compose["services"]["reward"]["deploy"]["replicas"] == "5"
+    gpu = compose["services"]["learner"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["count"] == "4"
+    assert compose_file()["services"]["reward"]["deploy"]["replicas"] == "2"
+
+
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+def test_every_service_runs_in_each_profile(profile: str) -> None:
+    compose = compose_file()
+    active = {name for name, svc in compose["services"].items()
+              if not svc.get("profiles") or profile in svc["profiles"]}
+    runs = {runs for name, (runs, _svc) in asympo_services(compose).items() if name in active}
+    assert runs == set(SERVICES), f"profile {profile} runs {runs}"
+    assert {"redis", "prometheus", "grafana"} <= active
+    for name in active:
+        for dep in compose["services"][name].get("depends_on") or {}:
+            assert dep in active, f"{name} depends on {dep}, not in profile {profile}"
+
+
+def test_ports_env_and_names_agree_with_settings() -> None:
+    compose = compose_file()
+    prometheus = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    jobs = {j["job_name"]: j for j in prometheus["scrape_configs"]}
+    for name, (service, svc) in asympo_services(compose).items():
+        settings = effective_settings(compose_env(svc))  # unknown ASYMPO_* names fail here
+        section = getattr(settings, service)
+        assert section.host == "0.0.0.0", f"{name} must listen on all interfaces"
+        assert section.http_port in published_ports(svc), f"{name}: http port not exposed"
+        if service != "weights":
+            assert settings.weights.host in dns_names(compose, "weights")
+        redis = urlparse(settings.redis_url())
+        assert redis.hostname == "redis" and redis.port == 6379
+        # Prometheus finds this container by a DNS name it answers to, on its http_port.
+        sd = jobs[f"asympo-{service}"]["dns_sd_configs"][0]
+        assert sd["port"] == section.http_port
+        assert set(sd["names"]) & dns_names(compose, name), f"{name} is not scraped"
+    weights = compose["services"]["weights"]
+    assert weights["ports"] == [
+        f"{p}:{p}" for p in (effective_settings(compose_env(weights)).weights.grpc_port,
+                             effective_settings(compose_env(weights)).weights.http_port)]
+
+
+def test_gpu_and_cpu_profiles() -> None:
+    compose = compose_file()
+    for name in ("rollout", "learner"):
+        svc = compose["services"][name]
+        assert svc["profiles"] == ["gpu"]
+        devices = svc["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+        assert svc["image"].endswith(":gpu") and svc["build"]["target"] == "gpu"
+    learner = compose["services"]["learner"]
+    assert "--nproc-per-node=${LEARNER_GPUS:-1}" in " ".join(learner["entrypoint"])
+    for name in ("rollout-cpu", "learner-cpu"):
+        svc = compose["services"][name]
+        assert svc["profiles"] == ["cpu"]
+        assert "deploy" not in svc
+        assert svc["build"]["target"] == "slim"
+    cpu_env = effective_settings(compose_env(compose["services"]["rollout-cpu"]))
+    assert cpu_env.rollout.engine == "transformers"  # the slim image has no vLLM
+    assert effective_settings(compose_env(compose["services"]["learner-cpu"])).learner.device == (
+        "cpu")
+
+
+def test_redis_persistence_and_secret() -> None:
+    compose = compose_file()
+    redis = compose["services"]["redis"]
+    cmd = redis["command"]
+    assert cmd[cmd.index("--appendonly") + 1] == "yes"
+    assert any(v.endswith(":/data") for v in redis["volumes"])
+    holders = {runs for _n, (runs, svc) in asympo_services(compose).items()
+               if "publish_token" in (svc.get("secrets") or [])}
+    assert holders == {"weights", "learner"}
+    for _n, (runs, svc) in asympo_services(compose).items():
+        if runs in holders:
+            assert "ASYMPO_WEIGHTS__PUBLISH_TOKEN=$(cat /run/secrets/publish_token)" in (
+                " ".join(svc["entrypoint"]))
+
+
+def test_prometheus_and_grafana_provisioning() -> None:
+    compose = compose_file()
+    prom = compose["services"]["prometheus"]
+    mounts = dict(v.rsplit(":", 2)[:2] for v in prom["volumes"] if v.startswith("./"))
+    config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    for rule_file in config["rule_files"]:
+        host = next(h for h, c in mounts.items() if c == rule_file)
+        assert (ROOT / host).is_file()
+    grafana = compose["services"]["grafana"]
+    gmounts = {c: h for h, c in (v.rsplit(":", 2)[:2] for v in grafana["volumes"]
+                                 if v.startswith("./"))}
+    provisioning = ROOT / gmounts["/etc/grafana/provisioning"]
+    datasource = yaml.safe_load((provisioning / "datasources/prometheus.yml").read_text())
+    ds = datasource["datasources"][0]
+    assert urlparse(ds["url"]).hostname == "prometheus"
+    assert urlparse(ds["url"]).port == 9090
+    providers = yaml.safe_load((provisioning / "dashboards/asympo.yml").read_text())
+    dash_dir = providers["providers"][0]["options"]["path"]
+    dashboard = json.loads((ROOT / gmounts[dash_dir] / "asympo.json").read_text())
+    uids = {t["datasource"]["uid"] for p in dashboard["panels"] for t in p.get("targets", [])}
+    assert uids == {ds["uid"]}
+
+
+def test_dockerfile_stages_user_healthcheck_entrypoint() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM\s+(\S+)\s+AS\s+(\w+)", text, flags=re.M)
+    names = [s for _img, s in stages]
+    assert {"slim", "gpu"} <= set(names)
+    images = dict((s, img) for img, s in stages)
+    assert "slim" in images["slim"] and "CUDA_IMAGE" in images["gpu"]
+    assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:\S+", text, flags=re.M)
+    for stage in ("slim", "gpu"):
+        body = text.split(f" AS {stage}", 1)[1].split("\nFROM ", 1)[0]
+        assert re.search(r"^USER 10001", body, flags=re.M), stage
+        assert "HEALTHCHECK" in body and "asympo-healthcheck" in body, stage
+        assert 'ENTRYPOINT ["asympo", "serve"]' in body, stage
+    assert 'pip install "vllm' in text.split(" AS gpu", 1)[1]
+    compose = compose_file()
+    for svc in compose["services"].values():
+        if "build" in svc:
+            assert svc["build"]["target"] in names
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and ".git" in ignored and "runs" in ignored
+
+
+class _Healthz(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200 if self.path == "/healthz" else 404)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_healthcheck_script_checks_the_configured_ports() -> None:
+    """The HEALTHCHECK script finds the service's port through asympo.config."""
+    script = ROOT / "deploy/docker/healthcheck.py"
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Healthz)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    port = server.server_address[1]
+
+    def check(extra: dict[str, str]) -> int:
+        env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT), **extra}
+        return subprocess.run([sys.executable, str(script)], env=env, timeout=60,
+                              capture_output=True).returncode
+
+    try:
+        assert check({"ASYMPO_REWARD__HTTP_PORT": str(port)}) == 0
+        assert check({"HEALTH_PORT": str(port)}) == 0
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+    assert check({"HEALTH_PORT": str(port)}) == 1
