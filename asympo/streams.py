@@ -52,12 +52,14 @@ M = TypeVar("M", bound=Message)
 FIELD_MSG = b"msg"
 FIELD_TYPE = b"type"
 DEFAULT_MAXLEN = 100_000
+DEAD_LETTER_PAYLOAD_KEPT = 64 * 1024
 
 # Dead-letter reasons (the ``reason`` label of asympo_dead_letters_total).
 REASON_MISSING_FIELD = "missing_field"
 REASON_WRONG_TYPE = "wrong_type"
 REASON_DECODE_ERROR = "decode_error"
 REASON_MAX_DELIVERIES = "max_deliveries"
+REASON_TOO_LARGE = "too_large"
 
 
 class StreamError(RuntimeError):
@@ -87,8 +89,11 @@ def _wire(fields: dict[bytes, bytes]) -> dict[Any, Any]:
     return cast("dict[Any, Any]", fields)
 
 
-def decode(fields: dict[bytes, bytes], msg_cls: type[M]) -> M:
-    """Parse stream entry ``fields`` as ``msg_cls``; raises :class:`DecodeFailure`."""
+def decode(fields: dict[bytes, bytes], msg_cls: type[M], max_entry_bytes: int | None = None) -> M:
+    """Parse stream entry ``fields`` as ``msg_cls``; raises :class:`DecodeFailure`.
+
+    A payload over ``max_entry_bytes`` is refused before parsing (hostile input).
+    """
     payload = fields.get(FIELD_MSG)
     type_name = fields.get(FIELD_TYPE)
     if payload is None or type_name is None:
@@ -98,6 +103,10 @@ def decode(fields: dict[bytes, bytes], msg_cls: type[M]) -> M:
     if type_name != expected.encode():
         raise DecodeFailure(
             REASON_WRONG_TYPE, f"type {type_name.decode(errors='replace')!r}, expected {expected!r}"
+        )
+    if max_entry_bytes is not None and len(payload) > max_entry_bytes:
+        raise DecodeFailure(
+            REASON_TOO_LARGE, f"{len(payload)} bytes exceeds max_entry_bytes={max_entry_bytes}"
         )
     msg = msg_cls()
     try:
@@ -247,9 +256,14 @@ class Consumer(Generic[M]):
     """Reads ``msg_cls`` messages from ``stream_key`` as ``consumer`` of ``group``.
 
     ``read`` first reclaims entries other consumers left pending for ``reclaim_idle_ms``
-    (at most every ``reclaim_every_ms``), then reads new ones. Undecodable entries and
-    entries delivered more than ``max_deliveries`` times are dead-lettered (to
-    ``dead_letter_key``) inside ``read`` and never returned.
+    (at most every ``reclaim_every_ms``), then reads new ones. Undecodable entries (and
+    payloads over ``max_entry_bytes``) and entries delivered more than ``max_deliveries``
+    times are dead-lettered (to ``dead_letter_key``) inside ``read`` and never returned.
+
+    ``reclaim_idle_ms`` must exceed the longest time the caller holds an entry before
+    acking it: past that, the entry is taken to belong to a dead consumer and is
+    delivered again (possibly to this same consumer), so effects must be idempotent.
+    A consumer is not thread-safe; give each thread its own (with its own name).
     """
 
     def __init__(
@@ -266,6 +280,7 @@ class Consumer(Generic[M]):
         registry: CollectorRegistry | None = None,
         reclaim_every_ms: int | None = None,
         dead_letter_maxlen: int | None = DEFAULT_MAXLEN,
+        max_entry_bytes: int | None = None,
         lag_refresh_s: float = 5.0,
     ) -> None:
         if max_deliveries < 1:
@@ -284,6 +299,7 @@ class Consumer(Generic[M]):
             reclaim_every_ms if reclaim_every_ms is not None else max(reclaim_idle_ms // 4, 1)
         )
         self.dead_letter_maxlen = dead_letter_maxlen
+        self.max_entry_bytes = max_entry_bytes
         self.lag_refresh_s = lag_refresh_s
         self.metrics = stream_metrics(registry) if registry is not None else None
         self._next_reclaim_at = 0.0
@@ -315,6 +331,7 @@ class Consumer(Generic[M]):
             reclaim_idle_ms=streams.reclaim_idle_ms,
             registry=registry,
             dead_letter_maxlen=streams.maxlen,
+            max_entry_bytes=streams.max_entry_bytes,
         )
 
     def ensure_group(self) -> None:
@@ -465,7 +482,7 @@ class Consumer(Generic[M]):
                 )
                 continue
             try:
-                msg = decode(raw.fields, self.msg_cls)
+                msg = decode(raw.fields, self.msg_cls, self.max_entry_bytes)
             except DecodeFailure as failure:
                 self._dead_letter_raw(raw, failure.reason, failure.detail)
                 continue
@@ -501,6 +518,11 @@ class Consumer(Generic[M]):
         self._dead_letter_raw(_Raw(delivery.entry_id, fields, delivery.deliveries), reason, detail)
 
     def _dead_letter_raw(self, raw: _Raw, reason: str, detail: str) -> None:
+        payload = raw.fields.get(FIELD_MSG, b"")
+        if reason == REASON_TOO_LARGE and len(payload) > DEAD_LETTER_PAYLOAD_KEPT:
+            # Keep evidence, but do not copy a hostile giant into a second stream.
+            payload = payload[:DEAD_LETTER_PAYLOAD_KEPT]
+            detail += f" (payload cut to its first {DEAD_LETTER_PAYLOAD_KEPT} bytes)"
         letter = records_pb2.DeadLetter(
             origin_stream=self.stream_key,
             origin_id=raw.entry_id,
@@ -508,7 +530,7 @@ class Consumer(Generic[M]):
             consumer=self.consumer,
             reason=f"{reason}: {detail}" if detail else reason,
             deliveries=raw.deliveries,
-            payload=raw.fields.get(FIELD_MSG, b""),
+            payload=payload,
             dead_at=time.time(),
         )
         pipe = self.redis.pipeline(transaction=True)

@@ -16,11 +16,13 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry
 
+from asympo.config import StreamSettings
 from asympo.redis_conn import EmbeddedRedis, RedisUnavailable, connect, redact
 from asympo.streams import (
     REASON_DECODE_ERROR,
     REASON_MAX_DELIVERIES,
     REASON_MISSING_FIELD,
+    REASON_TOO_LARGE,
     REASON_WRONG_TYPE,
     Consumer,
     Delivery,
@@ -182,6 +184,7 @@ def test_group_reads_entries_produced_before_it_existed(
 
 _DOOMED_WORKER = """
 import sys, time
+from asympo.config import StreamSettings
 from asympo.redis_conn import connect
 from asympo.streams import Consumer, Producer, produce_and_ack
 from asympo.v1 import records_pb2 as pb
@@ -346,6 +349,26 @@ def test_malformed_entries_dead_lettered_consumer_keeps_going(
     )
 
 
+def test_from_settings_uses_run_keys_and_entry_limit(
+    redis_client: redis.Redis, stream_settings: StreamSettings, key_prefix: str
+) -> None:
+    streams = stream_settings.model_copy(update={"max_entry_bytes": 2048})
+    producer = Producer.from_settings(
+        redis_client, streams, streams.rollouts, records_pb2.RolloutGroup
+    )
+    assert producer.stream_key == f"{key_prefix}rollouts"
+    producer.send(rollout_group(0))
+    huge = records_pb2.RolloutGroup(group_id="huge", engine="x" * 4096).SerializeToString()
+    redis_client.xadd(producer.stream_key, {b"msg": huge, b"type": b"asympo.v1.RolloutGroup"})
+    consumer = Consumer.from_settings(
+        redis_client, streams, streams.rollouts, "reward", "r0", records_pb2.RolloutGroup
+    )
+    assert consumer.dead_letter_key == f"{key_prefix}dead-letter"
+    assert [d.msg.group_id for d in consumer.read(count=10)] == ["g0"]
+    [letter] = dead_letters(redis_client, consumer.dead_letter_key)
+    assert letter.reason.startswith(REASON_TOO_LARGE) and letter.payload == huge
+
+
 def test_caller_can_dead_letter_an_entry(redis_client: redis.Redis, key_prefix: str) -> None:
     stream, dl = f"{key_prefix}scored", f"{key_prefix}dl"
     Producer(redis_client, stream, records_pb2.ScoredGroup).send(
@@ -496,6 +519,7 @@ def test_embedded_server_starts_serves_and_stops(tmp_path: Path) -> None:
 
 _EMBEDDED_CHILD = """
 import sys
+from asympo.config import StreamSettings
 from asympo.redis_conn import connect
 client = connect("", sys.argv[1])
 client.set("k", "v")
