@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import grpc
 import httpx
@@ -134,10 +135,16 @@ def make_group(
     )
 
 
+def entries(client: redis.Redis, key: str) -> list[tuple[str, dict[bytes, bytes]]]:
+    """Every (entry id, fields) of stream ``key``, oldest first."""
+    rows = cast("list[tuple[bytes, dict[bytes, bytes]]]", client.xrange(key))
+    return [(entry_id.decode(), fields) for entry_id, fields in rows]
+
+
 def scored_groups(client: redis.Redis, streams: StreamSettings) -> list[records_pb2.ScoredGroup]:
     """Every ScoredGroup on the scored stream, oldest first."""
-    entries = client.xrange(streams.key(streams.scored))
-    return [decode(fields, records_pb2.ScoredGroup) for _, fields in entries]  # type: ignore[union-attr]
+    rows = entries(client, streams.key(streams.scored))
+    return [decode(fields, records_pb2.ScoredGroup) for _, fields in rows]
 
 
 def wait_for(
@@ -228,7 +235,7 @@ def test_killed_worker_pending_groups_are_reclaimed(
 
     def victim_pending() -> list[str]:
         rows = redis_client.xpending_range(rollouts, "reward", "-", "+", 100, victim.name)
-        return [r["message_id"].decode() for r in rows]
+        return [bytes(r["message_id"]).decode() for r in cast("list[dict[str, Any]]", rows)]
 
     wait_for(lambda: bool(victim_pending()), 30, "the victim to hold a batch", workers)
     victim.process.send_signal(signal.SIGKILL)
@@ -247,8 +254,8 @@ def test_killed_worker_pending_groups_are_reclaimed(
     _assert_exactly_once(scored, {g.group_id for g in groups})
     assert reward_pending(redis_client, stream_settings) == 0
     by_entry = {
-        entry_id.decode(): decode(fields, records_pb2.RolloutGroup).group_id
-        for entry_id, fields in redis_client.xrange(rollouts)  # type: ignore[union-attr]
+        entry_id: decode(fields, records_pb2.RolloutGroup).group_id
+        for entry_id, fields in entries(redis_client, rollouts)
     }
     scorer_of = {g.rollout.group_id: g.scorer for g in scored}
     assert {scorer_of[by_entry[e]] for e in orphaned} == {survivor.name}
@@ -355,7 +362,7 @@ def test_broken_verifier_dead_letters_the_group(
     assert good.scores[0].reward == 1.0
     dead_key = streams.key(streams.dead_letter)
     wait_for(lambda: redis_client.xlen(dead_key) >= 2, 20, "two dead letters", [worker])
-    letters = [decode(f, records_pb2.DeadLetter) for _, f in redis_client.xrange(dead_key)]  # type: ignore[union-attr]
+    letters = [decode(f, records_pb2.DeadLetter) for _, f in entries(redis_client, dead_key)]
     by_group = {records_pb2.RolloutGroup.FromString(d.payload).group_id: d for d in letters}
     assert by_group[crashing.group_id].reason.startswith("verifier_failed")
     assert "verifier crashed" in by_group[crashing.group_id].reason
