@@ -1,0 +1,497 @@
+"""Client of the weights service, for the learner (publish) and rollout (fetch, watch).
+
+Learner::
+
+    client = WeightsClient.from_settings(settings)
+    client.publish_state_dict(model.state_dict(), version=step, parent_version=prev, probe=probe)
+    client.publish_dir("runs/x/final", version=step)        # every *.safetensors in it
+
+Rollout::
+
+    path = client.fetch(version, "runs/rollout/weights")     # verified local copy
+    for announcement in client.watch(after_version=current): ...
+
+``fetch`` stages bytes in ``<dest_root>/.partial-<version>/``, resumes shards already
+partly there (after an interruption, or a restart), checks every sha256 and size
+against the manifest, and only then renames the directory to ``<dest_root>/<version>/``
+(zero-padded, see :func:`asympo.weight_store.version_dirname`). A mismatch raises
+:class:`WeightsIntegrityError` and leaves every complete local version untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import grpc
+import torch
+from safetensors.torch import save_file
+
+from asympo.config import Settings
+from asympo.serving import bearer_metadata, client_channel
+from asympo.v1 import records_pb2, weights_pb2, weights_pb2_grpc
+from asympo.weight_store import (
+    MANIFEST_NAME,
+    file_sha256,
+    manifest_from_json,
+    manifest_to_json,
+    version_dirname,
+)
+
+log = logging.getLogger(__name__)
+
+PARTIAL_MANIFEST_NAME = "fetching.manifest.json"
+
+# Failures worth a resumed retry; anything else is an answer, not an accident.
+_TRANSIENT = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.CANCELLED,
+}
+
+
+class WeightsClientError(Exception):
+    """A weights operation failed; the message says which and why."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class WeightsNotFound(WeightsClientError):
+    """The version does not exist on the server (never published, or retired)."""
+
+
+class WeightsIntegrityError(WeightsClientError):
+    """Fetched (or stored) bytes do not match the manifest: refuse these weights."""
+
+
+class PublishRejected(WeightsClientError):
+    """The server refused a publish (token, stale or duplicate version, bad manifest)."""
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """A verified local copy of one version."""
+
+    path: Path
+    manifest: records_pb2.WeightsManifest
+    bytes_received: int  # 0 when the version was already complete locally
+
+
+def _error(exc: grpc.RpcError, what: str) -> WeightsClientError:
+    code = exc.code()
+    message = f"{what}: {code.name}: {exc.details()}"
+    if code == grpc.StatusCode.NOT_FOUND:
+        return WeightsNotFound(message, code)
+    if code == grpc.StatusCode.DATA_LOSS:
+        return WeightsIntegrityError(message, code)
+    return WeightsClientError(message, code)
+
+
+def _safetensors_state(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, with tensors that share storage (tied embeddings) copied,
+    since safetensors refuses shared storage."""
+    seen: set[tuple[int, int]] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state_dict.items():
+        t = tensor.detach().to("cpu").contiguous()
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key in seen:
+            t = t.clone()
+        seen.add((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
+        out[name] = t
+    return out
+
+
+def write_shards(
+    state_dict: Mapping[str, torch.Tensor], directory: Path, max_shard_bytes: int = 2 << 30
+) -> list[Path]:
+    """Save a state dict as ``model-00001.safetensors``, ... of at most ``max_shard_bytes``
+    (a tensor larger than that gets a shard of its own)."""
+    tensors = _safetensors_state(state_dict)
+    groups: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append({})
+            size = 0
+        groups[-1][name] = t
+        size += nbytes
+    paths = []
+    for i, group in enumerate(groups, start=1):
+        path = directory / f"model-{i:05d}.safetensors"
+        save_file(group, str(path))
+        paths.append(path)
+    return paths
+
+
+def build_manifest(
+    shard_paths: list[Path],
+    version: int,
+    parent_version: int = -1,
+    probe: records_pb2.Probe | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> records_pb2.WeightsManifest:
+    """A manifest with the size and sha256 of every shard (dtypes are filled by the server)."""
+    manifest = records_pb2.WeightsManifest(
+        version=version, parent_version=parent_version, created_at=time.time()
+    )
+    for path in shard_paths:
+        manifest.shards.add(name=path.name, sha256=file_sha256(path), size=path.stat().st_size)
+    if probe is not None:
+        manifest.probe.CopyFrom(probe)
+    manifest.metadata.update(metadata or {})
+    return manifest
+
+
+class WeightsClient:
+    """Talks to one weights service over gRPC."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str = "",
+        max_message_bytes: int = 64 << 20,
+        chunk_bytes: int = 1 << 20,
+        tls_ca_file: str = "",
+        tls: bool = False,
+        timeout_s: float = 600.0,
+    ) -> None:
+        self.target = target
+        self._token = token
+        self.chunk_bytes = chunk_bytes
+        self.timeout_s = timeout_s
+        self.channel = client_channel(
+            target, max_message_bytes=max_message_bytes, tls_ca_file=tls_ca_file, tls=tls
+        )
+        self.stub = weights_pb2_grpc.WeightsStub(self.channel)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, host: str | None = None) -> WeightsClient:
+        """A client for ``weights.host:weights.grpc_port`` with the publish token."""
+        cfg = settings.weights
+        return cls(
+            f"{host or cfg.host}:{cfg.grpc_port}",
+            token=cfg.publish_token.get_secret_value(),
+            max_message_bytes=settings.grpc_max_message_bytes,
+            chunk_bytes=cfg.chunk_bytes,
+            tls_ca_file=settings.tls_ca_file,
+            tls=bool(settings.tls_cert_file),
+        )
+
+    def close(self) -> None:
+        """Close the channel."""
+        self.channel.close()
+
+    def __enter__(self) -> WeightsClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading ------------------------------------------------------------------------
+
+    def latest(self) -> records_pb2.WeightsManifest | None:
+        """The newest version's manifest, or None while nothing is published."""
+        try:
+            manifest: records_pb2.WeightsManifest = self.stub.Latest(
+                weights_pb2.LatestRequest(), timeout=30
+            )
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise _error(exc, "Latest") from exc
+        return manifest
+
+    def watch(
+        self, after_version: int = -1, timeout_s: float | None = None
+    ) -> Iterator[records_pb2.VersionAnnouncement]:
+        """Announcements of every version newer than ``after_version``, as they land.
+
+        Ends after ``timeout_s`` (None = never) or when the server goes away (then raises
+        WeightsClientError).
+        """
+        call = self.stub.Watch(
+            weights_pb2.WatchRequest(after_version=after_version), timeout=timeout_s
+        )
+        try:
+            yield from call
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return
+            raise _error(exc, "Watch") from exc
+        finally:
+            call.cancel()
+
+    def fetch(self, version: int, dest_root: str | Path, *, retries: int = 3) -> Path:
+        """Fetch ``version`` (-1 = latest) into ``dest_root``; returns its verified directory."""
+        return self.fetch_into(version, dest_root, retries=retries).path
+
+    def fetch_into(self, version: int, dest_root: str | Path, *, retries: int = 3) -> FetchResult:
+        """Like :meth:`fetch`, with the manifest and the number of bytes transferred."""
+        root = Path(dest_root)
+        root.mkdir(parents=True, exist_ok=True)
+        if version == -1:
+            latest = self.latest()
+            if latest is None:
+                raise WeightsNotFound("no version has been published yet")
+            version = latest.version
+        final = root / version_dirname(version)
+        if (final / MANIFEST_NAME).is_file():
+            return FetchResult(final, manifest_from_json((final / MANIFEST_NAME).read_text()), 0)
+        partial = root / f".partial-{version_dirname(version)}"
+        partial.mkdir(exist_ok=True)
+        staged_manifest = partial / PARTIAL_MANIFEST_NAME
+        digests: dict[str, hashlib._Hash] = {}
+        received = 0
+        try:
+            if staged_manifest.is_file():  # resuming an earlier, interrupted fetch
+                manifest = manifest_from_json(staged_manifest.read_text())
+            else:
+                manifest, received = self._stream_version(version, partial, digests)
+            for info in manifest.shards:
+                received += self._fetch_shard(
+                    manifest, info, partial / info.name, retries, digests.get(info.name)
+                )
+        except WeightsIntegrityError:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        staged_manifest.unlink()
+        (partial / MANIFEST_NAME).write_text(manifest_to_json(manifest))
+        _fsync_tree(partial)
+        os.rename(partial, final)
+        log.info("fetched version %d into %s (%d bytes)", version, final, received)
+        return FetchResult(final, manifest, received)
+
+    def _stream_version(
+        self, version: int, partial: Path, digests: dict[str, hashlib._Hash]
+    ) -> tuple[records_pb2.WeightsManifest, int]:
+        """Fetch every shard in one stream (the common case). A transient failure after the
+        manifest arrived is left to the per-shard resume; returns (manifest, bytes)."""
+        call = self.stub.Fetch(
+            weights_pb2.FetchRequest(version=version, chunk_bytes=self.chunk_bytes),
+            timeout=self.timeout_s,
+        )
+        manifest: records_pb2.WeightsManifest | None = None
+        received = 0
+        files: dict[str, BinaryIO] = {}
+        try:
+            for chunk in call:
+                if chunk.WhichOneof("kind") == "manifest":
+                    manifest = chunk.manifest
+                    if manifest.version != version:
+                        raise WeightsIntegrityError(
+                            f"asked for version {version}, got {manifest.version}"
+                        )
+                    (partial / PARTIAL_MANIFEST_NAME).write_text(manifest_to_json(manifest))
+                    continue
+                data = chunk.data
+                if manifest is None or data.shard not in {s.name for s in manifest.shards}:
+                    raise WeightsIntegrityError(f"unexpected data for shard {data.shard!r}")
+                f = files.get(data.shard)
+                if f is None:
+                    f = files[data.shard] = (partial / data.shard).open("wb")
+                    digests[data.shard] = hashlib.sha256()
+                if data.offset != f.tell():
+                    raise WeightsIntegrityError(
+                        f"out-of-order data for {data.shard}: offset {data.offset}, "
+                        f"expected {f.tell()}"
+                    )
+                f.write(data.data)
+                digests[data.shard].update(data.data)
+                received += len(data.data)
+        except grpc.RpcError as exc:
+            if manifest is None or exc.code() not in _TRANSIENT:
+                raise _error(exc, f"fetch version {version}") from exc
+            log.warning("fetch of version %d interrupted (%s); resuming", version, exc.code().name)
+        finally:
+            for f in files.values():
+                f.close()
+            call.cancel()
+        if manifest is None:
+            raise WeightsClientError(f"server answered version {version} without its manifest")
+        return manifest, received
+
+    def _fetch_shard(
+        self,
+        manifest: records_pb2.WeightsManifest,
+        info: records_pb2.ShardInfo,
+        path: Path,
+        retries: int,
+        digest: hashlib._Hash | None = None,
+    ) -> int:
+        """Bring ``path`` to the full, verified shard, resuming what is there; bytes received.
+
+        ``digest`` is the running hash of the bytes already in ``path`` when known (else
+        the part on disk is hashed first).
+        """
+        received = 0
+        attempt = 0
+        if path.exists() and path.stat().st_size > info.size:
+            path.unlink()
+            digest = None
+        if digest is None or not path.exists():
+            digest = hashlib.sha256()
+            if path.exists():
+                with path.open("rb") as f:
+                    while block := f.read(4 << 20):
+                        digest.update(block)
+        while True:
+            have = path.stat().st_size if path.exists() else 0
+            if have == info.size:
+                break
+            try:
+                received += self._stream_shard(manifest.version, info, path, have, digest)
+            except grpc.RpcError as exc:
+                if exc.code() not in _TRANSIENT or attempt >= retries:
+                    raise _error(exc, f"fetch {info.name} of version {manifest.version}") from exc
+                attempt += 1
+                log.warning("fetch of %s interrupted (%s); resuming", info.name, exc.code().name)
+                time.sleep(min(0.2 * 2**attempt, 5.0))
+            if path.stat().st_size > info.size:
+                path.unlink()
+                raise WeightsIntegrityError(
+                    f"shard {info.name} of version {manifest.version}: the server sent more "
+                    f"than the {info.size} bytes the manifest declares"
+                )
+        if digest.hexdigest() != info.sha256:
+            path.unlink()
+            raise WeightsIntegrityError(
+                f"shard {info.name} of version {manifest.version}: sha256 {digest.hexdigest()} "
+                f"does not match the manifest's {info.sha256}; refusing these weights"
+            )
+        return received
+
+    def _stream_shard(
+        self,
+        version: int,
+        info: records_pb2.ShardInfo,
+        path: Path,
+        have: int,
+        digest: hashlib._Hash,
+    ) -> int:
+        """Append the shard's bytes from ``have`` to ``path``; bytes received (even on error)."""
+        request = weights_pb2.FetchRequest(
+            version=version, shard=info.name, offset=have, chunk_bytes=self.chunk_bytes
+        )
+        received = 0
+        call = self.stub.Fetch(request, timeout=self.timeout_s)
+        with path.open("ab") as f:
+            for chunk in call:
+                kind = chunk.WhichOneof("kind")
+                if kind == "manifest":
+                    shards = {s.name: (s.sha256, s.size) for s in chunk.manifest.shards}
+                    if shards.get(info.name) != (info.sha256, info.size):
+                        raise WeightsIntegrityError(
+                            f"version {version} changed on the server while being fetched"
+                        )
+                    continue
+                data = chunk.data
+                if data.shard != info.name or data.offset != have + received:
+                    raise WeightsIntegrityError(
+                        f"out-of-order data for {info.name}: offset {data.offset}, "
+                        f"expected {have + received}"
+                    )
+                f.write(data.data)
+                digest.update(data.data)
+                received += len(data.data)
+        return received
+
+    # -- publishing ---------------------------------------------------------------------
+
+    def publish_dir(
+        self,
+        directory: str | Path,
+        version: int,
+        parent_version: int = -1,
+        probe: records_pb2.Probe | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> records_pb2.WeightsManifest:
+        """Publish every ``*.safetensors`` file of ``directory`` (e.g. a saved HF model) as
+        ``version``; returns the manifest the server stored."""
+        shards = sorted(Path(directory).glob("*.safetensors"))
+        if not shards:
+            raise WeightsClientError(f"no .safetensors files in {directory}")
+        manifest = build_manifest(shards, version, parent_version, probe, metadata)
+        return self.publish_manifest(manifest, Path(directory))
+
+    def publish_state_dict(
+        self,
+        state_dict: Mapping[str, torch.Tensor],
+        version: int,
+        parent_version: int = -1,
+        probe: records_pb2.Probe | None = None,
+        metadata: Mapping[str, str] | None = None,
+        max_shard_bytes: int = 2 << 30,
+    ) -> records_pb2.WeightsManifest:
+        """Write ``state_dict`` as safetensors shards in a temp dir and publish them."""
+        with tempfile.TemporaryDirectory(prefix="asympo-publish-") as tmp:
+            write_shards(state_dict, Path(tmp), max_shard_bytes)
+            return self.publish_dir(tmp, version, parent_version, probe, metadata)
+
+    def publish_manifest(
+        self, manifest: records_pb2.WeightsManifest, directory: Path
+    ) -> records_pb2.WeightsManifest:
+        """Stream ``manifest`` then each listed shard from ``directory``."""
+
+        def messages() -> Iterator[weights_pb2.PublishChunk]:
+            yield weights_pb2.PublishChunk(manifest=manifest)
+            for info in manifest.shards:
+                with (directory / info.name).open("rb") as f:
+                    offset = 0
+                    while block := f.read(self.chunk_bytes):
+                        yield weights_pb2.PublishChunk(
+                            data=weights_pb2.ShardData(shard=info.name, offset=offset, data=block)
+                        )
+                        offset += len(block)
+
+        try:
+            self.stub.Publish(
+                messages(),
+                metadata=bearer_metadata(self._token) if self._token else (),
+                timeout=self.timeout_s,
+            )
+        except grpc.RpcError as exc:
+            raise PublishRejected(
+                f"publish of version {manifest.version} failed: {exc.code().name}: {exc.details()}",
+                exc.code(),
+            ) from exc
+        stored = self.latest()
+        if stored is not None and stored.version == manifest.version:
+            return stored
+        return manifest
+
+
+def prune_local(dest_root: str | Path, keep: set[int]) -> list[int]:
+    """Delete fetched versions in ``dest_root`` except ``keep``; returns what went."""
+    removed = []
+    for child in Path(dest_root).iterdir():
+        if child.name.isdigit() and int(child.name) not in keep:
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(int(child.name))
+    return sorted(removed)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for child in directory.iterdir():
+        with child.open("rb") as f:
+            os.fsync(f.fileno())
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
