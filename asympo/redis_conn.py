@@ -25,6 +25,8 @@ from types import TracebackType
 from urllib.parse import quote, urlsplit
 
 import redis
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.retry import Retry
 
 CONNECT_TIMEOUT_S = 5.0
 # Linux limits unix socket paths to 108 bytes including the terminating NUL.
@@ -43,7 +45,9 @@ def redact(url: str) -> str:
     return _QUERY_PASSWORD.sub(r"\1***", url)
 
 
-def connect(url: str | None, embedded_dir: str = ".cache/redis") -> redis.Redis:
+def connect(
+    url: str | None, embedded_dir: str = ".cache/redis", retry_window_s: float = 30.0
+) -> redis.Redis:
     """A pinged client for ``url``; an embedded server in ``embedded_dir`` if ``url`` is empty.
 
     ``url`` may be ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS) or
@@ -52,8 +56,11 @@ def connect(url: str | None, embedded_dir: str = ".cache/redis") -> redis.Redis:
     exits; a launcher that starts several processes should own an :class:`EmbeddedRedis`
     itself and hand its :attr:`EmbeddedRedis.url` to the children instead.
 
-    Raises :class:`RedisUnavailable` (never a bare connection traceback) when the server
-    cannot be reached, and ``ValueError`` for a URL that is not a Redis URL.
+    The first PING is not retried, so a wrong URL fails at once with
+    :class:`RedisUnavailable` (never a bare connection traceback); ``ValueError`` for a URL
+    that is not a Redis URL. After that, commands ride out a Redis restart of about
+    ``retry_window_s`` seconds (retries with jittered exponential backoff): a command that
+    was in flight may then run twice, which the consumers' idempotency keys absorb.
     """
     if not url:
         url = _process_embedded_server(embedded_dir).url
@@ -69,9 +76,20 @@ def connect(url: str | None, embedded_dir: str = ".cache/redis") -> redis.Redis:
             else {}
         )
         client = redis.Redis.from_url(
-            url, decode_responses=False, health_check_interval=30, **tcp_options
+            url,
+            decode_responses=False,
+            health_check_interval=30,
+            retry=Retry(NoBackoff(), 0),
+            **tcp_options,
         )
         client.ping()
+        client.set_retry(
+            Retry(
+                ExponentialWithJitterBackoff(base=0.05, cap=1.0),
+                # full jitter: the mean wait per retry at the cap is 0.5 s
+                retries=max(int(retry_window_s / 0.5), 0),
+            )
+        )
     except redis.AuthenticationError as exc:
         raise RedisUnavailable(f"Redis at {redact(url)} rejected the credentials: {exc}") from exc
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -519,6 +520,7 @@ def test_embedded_server_starts_serves_and_stops(tmp_path: Path) -> None:
 
 _EMBEDDED_CHILD = """
 import sys
+import threading
 from asympo.config import StreamSettings
 from asympo.redis_conn import connect
 client = connect("", sys.argv[1])
@@ -568,3 +570,24 @@ def test_connect_with_password(redis_url: str, key_prefix: str, tmp_path: Path) 
             connect(f"unix://:wrong@{path}")
         with pytest.raises(RedisUnavailable):
             connect(f"unix://{path}")
+
+
+def test_client_rides_out_a_redis_restart(tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path / "restart").start()
+    try:
+        client = connect(server.url, retry_window_s=10)
+        stream = "asympo:restart:s"
+        producer = Producer(client, stream, records_pb2.PromptTask)
+        producer.send(records_pb2.PromptTask(seq=1))
+        server.stop()  # persistence is off: the data is gone, the client must reconnect
+        restarter = threading.Timer(0.5, server.start)
+        restarter.start()
+        started = time.monotonic()
+        producer.send(records_pb2.PromptTask(seq=2))  # retried until the server is back
+        restarter.join()
+        assert time.monotonic() - started >= 0.3
+        consumer = Consumer(client, stream, "g", "c", records_pb2.PromptTask, "dl")
+        assert [d.msg.seq for d in consumer.read(count=10)] == [2]
+        client.close()
+    finally:
+        server.stop()
