@@ -128,18 +128,41 @@ class StreamMetrics:
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.dead_letters = Counter(
+        self.dead_letters = _collector(
+            registry,
+            Counter,
             "asympo_dead_letters_total",
             "Stream entries moved to the dead-letter stream, by origin stream and reason",
-            ["stream", "reason"],
-            registry=registry,
+            ("stream", "reason"),
         )
-        self.lag = Gauge(
+        self.lag = _collector(
+            registry,
+            Gauge,
             "asympo_stream_lag_entries",
             "Entries of a stream not yet delivered to a consumer group",
-            ["stream", "group"],
-            registry=registry,
+            ("stream", "group"),
         )
+
+
+C = TypeVar("C", Counter, Gauge)
+
+
+def _collector(
+    registry: CollectorRegistry, kind: type[C], name: str, doc: str, labels: tuple[str, ...]
+) -> C:
+    """Register ``name`` on ``registry``, or reuse it if the service already defined it."""
+    try:
+        return kind(name, doc, labels, registry=registry)
+    except ValueError:  # "Duplicated timeseries": the service's metrics.py declared it
+        existing = getattr(registry, "_names_to_collectors", {}).get(
+            name.removesuffix("_total") if kind is Counter else name
+        )
+        if not isinstance(existing, kind) or tuple(existing._labelnames) != labels:
+            raise ValueError(
+                f"{name} is already registered with another type or labels; "
+                f"it must be a {kind.__name__} with labels {list(labels)}"
+            ) from None
+        return existing
 
 
 _metrics_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, StreamMetrics] = (

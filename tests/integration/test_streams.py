@@ -15,7 +15,7 @@ import pytest
 import redis
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from asympo.config import StreamSettings
 from asympo.redis_conn import EmbeddedRedis, RedisUnavailable, connect, redact
@@ -33,6 +33,7 @@ from asympo.streams import (
     decode,
     lag,
     produce_and_ack,
+    stream_metrics,
 )
 from asympo.v1 import records_pb2
 
@@ -591,3 +592,18 @@ def test_client_rides_out_a_redis_restart(tmp_path: Path) -> None:
         client.close()
     finally:
         server.stop()
+
+
+def test_stream_metrics_reuse_collectors_a_service_declared() -> None:
+    registry = CollectorRegistry()
+    declared = Counter(
+        "asympo_dead_letters_total", "declared by a service", ["stream", "reason"],
+        registry=registry,
+    )  # fmt: skip
+    metrics = stream_metrics(registry)
+    assert metrics.dead_letters is declared
+    assert stream_metrics(registry) is metrics
+    clashing = CollectorRegistry()
+    Gauge("asympo_stream_lag_entries", "wrong labels", ["stream"], registry=clashing)
+    with pytest.raises(ValueError, match="labels"):
+        stream_metrics(clashing)
