@@ -160,8 +160,15 @@ def test_prometheus_and_grafana_provisioning() -> None:
     providers = yaml.safe_load((provisioning / "dashboards/asympo.yml").read_text())
     dash_dir = providers["providers"][0]["options"]["path"]
     dashboard = json.loads((ROOT / gmounts[dash_dir] / "asympo.json").read_text())
+    # Panels use the dashboard's datasource variable, which defaults to the default
+    # Prometheus datasource: the provisioned one here, kube-prometheus-stack's in a cluster.
+    assert ds["isDefault"] is True and ds["type"] == "prometheus"
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
     uids = {t["datasource"]["uid"] for p in dashboard["panels"] for t in p.get("targets", [])}
-    assert uids == {ds["uid"]}
+    uids |= {p["datasource"]["uid"] for p in dashboard["panels"] if "datasource" in p}
+    assert uids == {"${datasource}"}
 
 
 def test_dockerfile_stages_user_healthcheck_entrypoint() -> None:
