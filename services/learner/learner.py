@@ -1,0 +1,390 @@
+"""The learner loop: admit prompts, gather scored groups, filter stale ones, step, publish.
+
+Delivery semantics (what makes resume exact):
+
+* Scored entries stay pending in the ``learner`` consumer group until the checkpoint
+  that contains their effect is on disk; then they are acked. The checkpoint lists
+  those entry ids too, so a crash between "checkpoint written" and "acked" is repaired
+  at restart by acking them again.
+* A restarted learner first re-reads its own pending entries (XREADGROUP from 0), in
+  stream order, then new ones: groups trained after the last checkpoint are trained
+  again from the checkpointed weights, in the same order, so the run continues at the
+  same version exactly as if it had never stopped, and no acked group is trained twice.
+* Entries the learner holds are re-claimed (XCLAIM JUSTID) while it holds them, so a
+  slow step never lets them look abandoned; re-deliveries of held entries and groups
+  whose id was already trained are skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis
+import torch
+
+from asympo.config import Settings
+from asympo.losses import LossConfig
+from asympo.run_log import MetricsWriter
+from asympo.streams import Consumer, DecodeFailure, Delivery, decode
+from asympo.tasks import Task
+from asympo.training import StepConfig, TrainGroup, group_from_scored, train_step
+from asympo.v1 import records_pb2
+from services.learner import metrics
+from services.learner.admission import Admitter
+from services.learner.checkpoint import (
+    LearnerState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+log = logging.getLogger(__name__)
+
+CONSUMER_GROUP = "learner"
+# Publisher(version, parent_version, model): make ``version`` available to rollout.
+Publisher = Callable[[int, int, torch.nn.Module], None]
+TRAINED_IDS_KEPT = 100_000
+
+
+@dataclass
+class Held:
+    """A scored group the learner holds (read, not yet acked)."""
+
+    delivery: Delivery[records_pb2.ScoredGroup]
+    group: TrainGroup
+    correct: int
+
+
+def step_config(settings: Settings) -> StepConfig:
+    """The training-step configuration of the learner settings."""
+    lc = settings.learner
+    return StepConfig(
+        loss=lc.loss,
+        loss_cfg=LossConfig(
+            aggregation=lc.aggregation,
+            spo_beta=lc.spo_beta,
+            clip_eps=lc.clip_eps,
+            clip_eps_high=lc.clip_eps_high,
+            tis_cap=lc.tis_cap,
+            nll_eps=lc.nll_eps,
+        ),
+        advantage=lc.advantage,
+        micro_batch=lc.micro_batch,
+        grad_clip=lc.grad_clip,
+        temperature=settings.sampling.temperature if settings.sampling.temperature > 0 else 1.0,
+    )
+
+
+def make_optimizer(
+    model: torch.nn.Module, settings: Settings
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW with a linear warm-up of ``warmup_steps`` then a constant rate."""
+    lc = settings.learner
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
+    warmup = lc.warmup_steps
+
+    def factor(step: int) -> float:
+        return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Learner:
+    """One learner process (rank 0 of a data-parallel learner does all the I/O)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis_client: redis.Redis,
+        model: torch.nn.Module,
+        *,
+        task: Task | None = None,
+        publisher: Publisher | None = None,
+        consumer_name: str = "learner-0",
+        metrics_writer: MetricsWriter | None = None,
+        pad_id: int = 0,
+    ) -> None:
+        self.settings = settings
+        self.lc = settings.learner
+        self.redis = redis_client
+        self.model = model
+        self.publisher = publisher
+        self.writer = metrics_writer
+        self.pad_id = pad_id
+        self.cfg = step_config(settings)
+        self.optimizer, self.scheduler = make_optimizer(model, settings)
+        self.admitter = Admitter(settings, redis_client, task) if task is not None else None
+        self.consumer = Consumer.from_settings(
+            redis_client,
+            settings.streams,
+            settings.streams.scored,
+            CONSUMER_GROUP,
+            consumer_name,
+            records_pb2.ScoredGroup,
+            registry=metrics.REGISTRY,
+        )
+        self.stop_event = threading.Event()
+        self.buffer: list[Held] = []
+        self.held_ids: set[str] = set()
+        self.unacked: list[str] = []
+        self.trained_ids: OrderedDict[str, None] = OrderedDict()
+        self.counters: dict[str, float] = {
+            "groups_trained": 0.0,
+            "groups_dropped_stale": 0.0,
+            "samples": 0.0,
+            "duplicates_skipped": 0.0,
+        }
+        self.version = 0
+        self.published_version = -1
+        self.trained_group_log: list[str] = []  # group ids trained by this process, in order
+        self._last_touch = 0.0
+        self._resume()
+
+    # -- resume -------------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.lc.checkpoint_dir)
+        if path is not None:
+            state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+            self.version = state.version
+            self.published_version = state.published_version
+            self.counters.update(state.counters)
+            self.trained_ids = OrderedDict.fromkeys(state.trained_group_ids)
+            if state.unacked_entry_ids:  # the crash may have come before these acks
+                self.consumer.ack(state.unacked_entry_ids)
+            log.info("resumed from %s at version %d", path, self.version)
+        self._read_own_pending()
+        metrics.POLICY_VERSION.set(self.version)
+
+    def _read_own_pending(self) -> None:
+        """Take back what this consumer read before a restart and never acked."""
+        start = "0"
+        while True:
+            reply = self.redis.xreadgroup(
+                CONSUMER_GROUP,
+                self.consumer.consumer,
+                {self.consumer.stream_key: start},
+                count=256,
+            )
+            entries = cast("list[Any]", reply or [])
+            rows = entries[0][1] if entries else []
+            if not rows:
+                return
+            for raw_id, fields in rows:
+                entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+                start = entry_id
+                if not fields:  # trimmed away while pending
+                    self.consumer.ack(entry_id)
+                    continue
+                try:
+                    msg = decode(fields, records_pb2.ScoredGroup)
+                except DecodeFailure as exc:
+                    log.warning("pending entry %s no longer decodes (%s); acking it", entry_id, exc)
+                    self.consumer.ack(entry_id)
+                    continue
+                self._accept(Delivery(entry_id, msg, 2, self.consumer.stream_key))
+
+    # -- intake -------------------------------------------------------------------------
+
+    def _accept(self, delivery: Delivery[records_pb2.ScoredGroup]) -> None:
+        if delivery.entry_id in self.held_ids:
+            return  # a re-delivery of an entry we hold
+        group_id = delivery.msg.rollout.group_id
+        if group_id in self.trained_ids:
+            self.counters["duplicates_skipped"] += 1
+            self.held_ids.add(delivery.entry_id)
+            self.unacked.append(delivery.entry_id)
+            return
+        try:
+            group = group_from_scored(delivery.msg)
+        except ValueError as exc:
+            self.consumer.dead_letter(delivery, "invalid_group", str(exc))
+            return
+        correct = sum(1 for s in delivery.msg.scores if s.reason == "correct")
+        self.held_ids.add(delivery.entry_id)
+        self.buffer.append(Held(delivery, group, correct))
+
+    def _touch_held(self) -> None:
+        """Reset the idle time of held entries so nobody reclaims them from us."""
+        now = time.monotonic()
+        if (
+            not self.held_ids
+            or now - self._last_touch < self.settings.streams.reclaim_idle_ms / 4000
+        ):
+            return
+        self._last_touch = now
+        self.redis.xclaim(
+            self.consumer.stream_key,
+            CONSUMER_GROUP,
+            self.consumer.consumer,
+            min_idle_time=0,
+            message_ids=cast("list[Any]", sorted(self.held_ids)),
+            justid=True,
+        )
+
+    def admit(self) -> int:
+        """Admit the prompts the staleness bound allows now."""
+        if self.admitter is None:
+            return 0
+        min_version = max(self.published_version, 0)
+        n = self.admitter.admit(self.version, min_version)
+        if n:
+            metrics.PROMPTS_ADMITTED.inc(n)
+        return n
+
+    def staleness(self, group: TrainGroup) -> int:
+        """Learner version minus the oldest version that generated a sample of ``group``."""
+        return self.version - group.oldest_version
+
+    def collect(self, timeout_s: float | None = None) -> list[Held] | None:
+        """The next ``groups_per_step`` fresh groups (stale ones are dropped, counted).
+
+        Returns None when stopped or after ``timeout_s`` without a full batch.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        batch: list[Held] = []
+        while True:
+            while self.buffer and len(batch) < self.lc.groups_per_step:
+                item = self.buffer.pop(0)
+                if self.staleness(item.group) > self.lc.max_staleness:
+                    self.counters["groups_dropped_stale"] += 1
+                    metrics.GROUPS_DROPPED_STALE.inc()
+                    self.unacked.append(item.delivery.entry_id)
+                    continue
+                batch.append(item)
+            if len(batch) >= self.lc.groups_per_step:
+                return batch
+            if self.stop_event.is_set() or (deadline is not None and time.monotonic() > deadline):
+                self.buffer[:0] = batch  # keep order for the next attempt
+                return None
+            self._touch_held()
+            for delivery in self.consumer.read(count=self.lc.groups_per_step, block_ms=200):
+                self._accept(delivery)
+
+    # -- one step -----------------------------------------------------------------------
+
+    def step(self, timeout_s: float | None = None) -> dict[str, Any] | None:
+        """Admit, gather a batch, train one step, publish/checkpoint when due.
+
+        Returns the metrics record of the step, or None if no batch came (stopped/timeout).
+        """
+        if self.published_version < 0 and self.publisher is not None:
+            self.publish()
+        self.admit()
+        batch = self.collect(timeout_s)
+        if batch is None:
+            return None
+        start = time.monotonic()
+        stalenesses = [self.version - v for h in batch for v in h.group.versions]
+        groups = [h.group for h in batch]
+        stats = train_step(
+            self.model, self.optimizer, groups, self.cfg, self.scheduler, pad_id=self.pad_id
+        )
+        seconds = max(time.monotonic() - start, 1e-9)
+        self.version += 1
+        for h in batch:
+            self.unacked.append(h.delivery.entry_id)
+            self.trained_ids[h.group.group_id] = None
+            self.trained_group_log.append(h.group.group_id)
+        while len(self.trained_ids) > TRAINED_IDS_KEPT:
+            self.trained_ids.popitem(last=False)
+        n_samples = sum(len(g.completions) for g in groups)
+        correct = sum(h.correct for h in batch)
+        self.counters["groups_trained"] += len(batch)
+        self.counters["samples"] += n_samples
+        record = self._record(stats, stalenesses, correct / max(n_samples, 1), n_samples / seconds)
+        self._export(record, stalenesses, len(batch), n_samples)
+        if self.version % self.lc.publish_every == 0 and self.publisher is not None:
+            self.publish()
+        if self.version % self.lc.checkpoint_every == 0:
+            self.checkpoint()
+        self.admit()
+        return record
+
+    def _record(
+        self, stats: dict[str, float], stalenesses: list[int], accuracy: float, rate: float
+    ) -> dict[str, Any]:
+        return {
+            "step": self.version,
+            "version": self.version,
+            "time": time.time(),
+            **{k: v for k, v in stats.items() if k not in ("groups", "samples", "tokens")},
+            "tokens": int(stats["tokens"]),
+            "staleness_mean": sum(stalenesses) / max(len(stalenesses), 1),
+            "staleness_max": max(stalenesses, default=0),
+            "train_accuracy": accuracy,
+            "samples_per_s": rate,
+            "groups_trained": int(self.counters["groups_trained"]),
+            "groups_dropped_stale": int(self.counters["groups_dropped_stale"]),
+            "lr": self.scheduler.get_last_lr()[0],
+        }
+
+    def _export(
+        self, rec: dict[str, Any], stalenesses: list[int], groups: int, samples: int
+    ) -> None:
+        metrics.POLICY_VERSION.set(self.version)
+        for s in stalenesses:
+            metrics.STALENESS.observe(max(s, 0))
+        for gauge, key in (
+            (metrics.LOSS, "loss"),
+            (metrics.LOSS_BALANCE, "loss_balance"),
+            (metrics.LOSS_POSITIVE, "loss_positive"),
+            (metrics.LOSS_NEGATIVE, "loss_negative"),
+            (metrics.NLL_POSITIVE, "nll_positive"),
+            (metrics.NLL_NEGATIVE, "nll_negative"),
+            (metrics.ENTROPY, "entropy"),
+            (metrics.REWARD_MEAN, "reward_mean"),
+            (metrics.ACCURACY, "train_accuracy"),
+            (metrics.GRAD_NORM, "grad_norm"),
+            (metrics.SAMPLES_PER_S, "samples_per_s"),
+        ):
+            value = float(rec[key])
+            gauge.set(value if math.isfinite(value) else float("nan"))
+        metrics.SAMPLES.inc(samples)
+        metrics.GROUPS_TRAINED.inc(groups)
+        metrics.GROUPS_ZERO_ADV.inc(rec["zero_adv_groups"])
+        if self.writer is not None:
+            self.writer.write(rec)
+
+    # -- publish and checkpoint -----------------------------------------------------------
+
+    def publish(self) -> None:
+        """Publish the current weights as ``version`` (with the probe) through the publisher."""
+        if self.publisher is None:
+            return
+        self.publisher(self.version, self.published_version, self.model)
+        self.published_version = self.version
+        metrics.PUBLISHED_VERSION.set(self.version)
+
+    def checkpoint(self) -> str:
+        """Write a checkpoint, then ack every entry whose effect it contains."""
+        state = LearnerState(
+            version=self.version,
+            published_version=self.published_version,
+            unacked_entry_ids=list(self.unacked),
+            trained_group_ids=list(self.trained_ids),
+            counters=dict(self.counters),
+        )
+        path = save_checkpoint(
+            self.lc.checkpoint_dir, self.model, self.optimizer, self.scheduler, state
+        )
+        if self.unacked:
+            self.consumer.ack(self.unacked)
+            self.held_ids.difference_update(self.unacked)
+            self.unacked = []
+        return str(path)
+
+    def run(self, max_steps: int = 0) -> int:
+        """Step until stopped or ``max_steps`` (0 = forever); returns the steps taken."""
+        steps = 0
+        while not self.stop_event.is_set() and (max_steps == 0 or self.version < max_steps):
+            if self.step(timeout_s=1.0) is not None:
+                steps += 1
+        return steps

@@ -1,0 +1,181 @@
+"""`asympo serve learner`: train on scored groups until max_steps or SIGTERM/SIGINT.
+
+Loads the policy (``model.path``, else the tiny default of ``asympo init-model``),
+resumes from the newest checkpoint in ``learner.checkpoint_dir`` if there is one,
+publishes version 0 (then every ``publish_every`` steps) to the weights service with
+the probe log-probs, writes one line per step to ``<run_dir>/metrics.jsonl`` and serves
+``/healthz`` ``/readyz`` ``/metrics`` on ``learner.http_port``. On stop it checkpoints
+and saves the final model in Hugging Face format to ``<run_dir>/final``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from asympo.config import Settings
+from asympo.evaluation import evaluate, hf_greedy
+from asympo.model.loading import load_causal_lm, load_tokenizer, resolve_model_path
+from asympo.probe import make_probe, probe_tokens
+from asympo.redis_conn import connect
+from asympo.run_log import METRICS_FILE, MetricsWriter
+from asympo.serving import HttpServer, make_http_app
+from asympo.tasks import Task, load_task
+from asympo.verifiers import as_verdict, resolve_verifier
+from asympo.weights_client import PublishRejected, WeightsClient, WeightsClientError
+from services.learner import metrics
+from services.learner.learner import Learner, Publisher
+
+log = logging.getLogger("asympo.learner")
+
+PUBLISH_RETRY_S = 120.0
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` = the first CUDA device if there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def weights_publisher(settings: Settings, client: WeightsClient, tokens: list[int]) -> Publisher:
+    """Publish through the weights service, retrying while it is not up yet."""
+
+    def publish(version: int, parent: int, model: torch.nn.Module) -> None:
+        probe = make_probe(model, tokens, settings.rollout.probe_tolerance)
+        inner = getattr(model, "module", model)
+        state = {k: v.detach() for k, v in inner.state_dict().items()}
+        deadline = time.monotonic() + PUBLISH_RETRY_S
+        start = time.monotonic()
+        while True:
+            try:
+                client.publish_state_dict(
+                    state, version, parent, probe, {"loss": settings.learner.loss}
+                )
+                log.info("published version %d (%.2fs)", version, time.monotonic() - start)
+                return
+            except PublishRejected as exc:
+                latest = client.latest()
+                if latest is not None and latest.version >= version:
+                    # A resumed learner re-reaches versions it published before the crash.
+                    log.warning("version %d already in the store (%s); keeping it", version, exc)
+                    return
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("publish of version %d failed (%s); retrying", version, exc)
+            except WeightsClientError as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("weights service not reachable (%s); retrying", exc)
+            time.sleep(1.0)
+
+    return publish
+
+
+def held_out_accuracy(
+    settings: Settings, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task
+) -> float:
+    """Greedy pass@1 of ``model`` on the task's held-out split."""
+    verifier = resolve_verifier(task.verifier, settings.reward.plugins)
+
+    def generate(prompts: list[str], n: int, temperature: float) -> list[list[str]]:
+        outs = hf_greedy(
+            model, tokenizer, prompts, settings.sampling.max_tokens, settings.sampling.stop
+        )
+        return [[o] for o in outs]
+
+    def verify(response: str, reference: str) -> float:
+        return as_verdict(verifier(response, reference)).reward
+
+    return evaluate(task, task.test[: settings.task.eval_size], generate, verify).pass_at_1
+
+
+def run(settings: Settings) -> None:
+    """Run the learner until ``learner.max_steps`` (0 = forever) or a signal."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    lc = settings.learner
+    torch.manual_seed(lc.seed)
+    device = resolve_device(lc.device)
+    redis_client = connect(settings.redis_url(), settings.redis.embedded_dir)
+    task = load_task(
+        settings.task.name,
+        settings.task.path,
+        settings.task.seed,
+        settings.task.train_size,
+        settings.task.eval_size,
+    )
+    path = resolve_model_path(settings)
+    model = load_causal_lm(path, settings.model.dtype, str(device)).train()
+    tokenizer = load_tokenizer(path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    client = WeightsClient.from_settings(settings)
+    tokens = probe_tokens(int(model.config.vocab_size))
+    writer = MetricsWriter(Path(settings.run_dir) / METRICS_FILE)
+    learner = Learner(
+        settings,
+        redis_client,
+        model,
+        task=task,
+        publisher=weights_publisher(settings, client, tokens),
+        metrics_writer=writer,
+        pad_id=int(pad_id),
+    )
+    http = HttpServer(
+        make_http_app(metrics.REGISTRY, title="asympo learner"),
+        lc.host,
+        lc.http_port,
+    ).start()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("learner stopping (%s)", signal.Signals(signum).name)
+        learner.stop_event.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    log.info(
+        "learner: loss=%s version=%d max_staleness=%d groups_per_step=%d device=%s",
+        lc.loss,
+        learner.version,
+        lc.max_staleness,
+        lc.groups_per_step,
+        device,
+    )
+    try:
+        while not learner.stop_event.is_set() and (
+            lc.max_steps == 0 or learner.version < lc.max_steps
+        ):
+            record = learner.step(timeout_s=1.0)
+            if record is None:
+                continue
+            if lc.eval_every and learner.version % lc.eval_every == 0:
+                acc = held_out_accuracy(settings, model, tokenizer, task)
+                writer.write({"step": learner.version, "version": learner.version, "accuracy": acc})
+            log.info(
+                "step %d loss %.4f balance %+.2e reward %.3f staleness %.2f",
+                learner.version,
+                record["loss"],
+                record["loss_balance"],
+                record["reward_mean"],
+                record["staleness_mean"],
+            )
+        learner.checkpoint()
+        if learner.published_version < learner.version:
+            learner.publish()
+        final = Path(settings.run_dir) / "final"
+        model.save_pretrained(str(final))
+        tokenizer.save_pretrained(str(final))
+        log.info("learner stopped at version %d; final model in %s", learner.version, final)
+    finally:
+        http.stop()
+        client.close()
+        writer.close()

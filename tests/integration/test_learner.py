@@ -1,0 +1,221 @@
+"""The learner service loop against real Redis streams: resume and admission control.
+
+Upstream services are not started here: the test writes the ``ScoredGroup`` records the
+reward service would write (the stream contract), and for admission it answers prompts
+itself as a fast rollout that uses the oldest weights each prompt allows.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import redis
+import torch
+
+from asympo.config import LearnerSettings, SamplingSettings, Settings, StreamSettings, TaskSettings
+from asympo.streams import Consumer, Producer, decode
+from asympo.tasks import load_task
+from asympo.v1 import records_pb2
+from services.learner.learner import CONSUMER_GROUP, Learner
+from tests.unit.test_learner_step import VOCAB, tiny_model
+
+
+def scored_group(run_id: str, i: int, version: int, g: int = 3) -> records_pb2.ScoredGroup:
+    gen = torch.Generator().manual_seed(1000 + i)
+    samples = []
+    for _ in range(g):
+        n = int(torch.randint(1, 6, (1,), generator=gen))
+        toks = torch.randint(1, VOCAB, (n,), generator=gen).tolist()
+        samples.append(
+            records_pb2.Sample(
+                completion_tokens=toks,
+                version=records_pb2.VersionRange(start=version, end=version),
+            )
+        )
+    rewards = torch.randint(0, 2, (g,), generator=gen).tolist()
+    rollout = records_pb2.RolloutGroup(
+        group_id=f"{run_id}/0:{i}",
+        prompt_tokens=torch.randint(1, VOCAB, (4,), generator=gen).tolist(),
+        samples=samples,
+    )
+    scores = [
+        records_pb2.SampleScore(reward=float(r), reason="correct" if r else "wrong")
+        for r in rewards
+    ]
+    return records_pb2.ScoredGroup(rollout=rollout, scores=scores)
+
+
+def settings_for(run_id: str, ckpt: Path, **learner: object) -> Settings:
+    base = {
+        "groups_per_step": 2,
+        "micro_batch": 4,
+        "checkpoint_every": 2,
+        "checkpoint_dir": str(ckpt),
+        "max_staleness": 100,
+        "lr": 1e-2,
+    }
+    base.update(learner)
+    return Settings(
+        streams=StreamSettings(run_id=run_id),
+        learner=LearnerSettings(**base),  # type: ignore[arg-type]
+        sampling=SamplingSettings(num_samples=3),
+        task=TaskSettings(train_size=40, eval_size=5),
+    )
+
+
+def flat_params(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def fill(r: redis.Redis, settings: Settings, run_id: str, n: int) -> None:
+    producer = Producer.from_settings(
+        r, settings.streams, settings.streams.scored, records_pb2.ScoredGroup
+    )
+    for i in range(n):
+        producer.send(scored_group(run_id, i, version=0))
+
+
+def pending(r: redis.Redis, settings: Settings) -> int:
+    info = r.xpending(settings.streams.key(settings.streams.scored), CONSUMER_GROUP)
+    return int(info["pending"])
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(
+    redis_client: redis.Redis, run_id: str, key_prefix: str, tmp_path: Path
+) -> None:
+    # Straight: 4 steps (checkpoints at 2 and 4).
+    run_a = f"{run_id}-a"
+    settings_a = settings_for(run_a, tmp_path / "a")
+    run_b = f"{run_id}-b"
+    settings_b = settings_for(run_b, tmp_path / "b")
+    try:
+        fill(redis_client, settings_a, run_id, 10)
+        fill(redis_client, settings_b, run_id, 10)
+        straight = Learner(settings_a, redis_client, tiny_model())
+        for _ in range(4):
+            assert straight.step(timeout_s=5) is not None
+        assert straight.version == 4
+
+        # Interrupted: 2 steps (checkpoint, acked), one more step that is never
+        # checkpointed, then the process "dies" without any cleanup.
+        first = Learner(settings_b, redis_client, tiny_model())
+        for _ in range(3):
+            assert first.step(timeout_s=5) is not None
+        assert first.version == 3
+        assert pending(redis_client, settings_b) >= 2  # step 3's groups: trained, not acked
+        acked_before_crash = first.trained_group_log[:4]
+        del first
+
+        # Restart: a fresh model object with other weights; the checkpoint decides.
+        second = Learner(settings_b, redis_client, tiny_model(seed=5))
+        assert second.version == 2
+        for _ in range(2):
+            assert second.step(timeout_s=5) is not None
+        assert second.version == 4
+
+        torch.testing.assert_close(
+            flat_params(second.model), flat_params(straight.model), rtol=1e-5, atol=1e-6
+        )
+        history = acked_before_crash + second.trained_group_log
+        assert history == straight.trained_group_log
+        assert len(set(history)) == len(history) == 8  # no group trained twice
+        assert not set(acked_before_crash) & set(second.trained_group_log)
+        assert pending(redis_client, settings_b) == 0  # everything trained is acked
+        assert pending(redis_client, settings_a) == 0
+    finally:
+        for prefix in (f"asympo:{run_a}:", f"asympo:{run_b}:"):
+            keys = list(redis_client.scan_iter(match=f"{prefix}*"))
+            if keys:
+                redis_client.delete(*keys)
+
+
+class FastRollout(threading.Thread):
+    """Answers every prompt at once, with the oldest weights the prompt allows."""
+
+    def __init__(self, r: redis.Redis, settings: Settings) -> None:
+        super().__init__(daemon=True)
+        self.settings = settings
+        self.stop = threading.Event()
+        s = settings.streams
+        self.prompts = Consumer.from_settings(
+            r, s, s.prompts, "rollout", "fast-0", records_pb2.PromptTask
+        )
+        self.scored = Producer.from_settings(r, s, s.scored, records_pb2.ScoredGroup)
+        self.answered = 0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for d in self.prompts.read(count=16, block_ms=50):
+                p = d.msg
+                msg = scored_group(
+                    self.settings.streams.run_id, p.seq, p.min_version, p.num_samples
+                )
+                msg.rollout.group_id = f"{p.run_id}/{p.prompt_id}"
+                msg.rollout.prompt.CopyFrom(p)
+                self.scored.send(msg)
+                self.prompts.ack(d)
+                self.answered += 1
+
+
+@pytest.mark.parametrize("max_staleness", [0, 2])
+def test_admission_bounds_staleness_with_a_slow_learner_and_fast_rollout(
+    redis_client: redis.Redis, run_id: str, key_prefix: str, tmp_path: Path, max_staleness: int
+) -> None:
+    settings = settings_for(
+        run_id, tmp_path / "ckpt", max_staleness=max_staleness, checkpoint_every=100
+    )
+    task = load_task("arith", seed=0, train_size=40, eval_size=5)
+    published: list[int] = []
+    learner = Learner(
+        settings,
+        redis_client,
+        tiny_model(),
+        task=task,
+        publisher=lambda version, parent, model: published.append(version),
+    )
+    rollout = FastRollout(redis_client, settings)
+    rollout.start()
+    try:
+        records = []
+        for _ in range(6):
+            record = learner.step(timeout_s=20)
+            assert record is not None
+            records.append(record)
+            admitted = learner.admitter.admitted() if learner.admitter else 0
+            bound = (learner.version + max_staleness + 1) * settings.learner.groups_per_step
+            assert admitted <= bound
+        assert published == list(range(7))
+        assert all(r["staleness_max"] <= max_staleness for r in records)
+        assert max(r["staleness_max"] for r in records) == max_staleness  # the bound is reached
+        assert learner.counters["groups_dropped_stale"] == 0
+        # Prompts run through a deterministic permutation of the train split.
+        entries: list[Any] = cast("list[Any]", redis_client.xrange(settings.streams.key("prompts")))
+        ids = [decode(fields, records_pb2.PromptTask).prompt_id for _, fields in entries]
+        assert len(ids) == len(set(ids)) >= 12
+        assert all(i.startswith("0:") for i in ids)
+    finally:
+        rollout.stop.set()
+        rollout.join(5)
+
+
+def test_stale_groups_are_dropped_and_counted(
+    redis_client: redis.Redis, run_id: str, key_prefix: str, tmp_path: Path
+) -> None:
+    settings = settings_for(
+        run_id, tmp_path / "ckpt", max_staleness=1, checkpoint_every=1, groups_per_step=3
+    )
+    producer = Producer.from_settings(
+        redis_client, settings.streams, settings.streams.scored, records_pb2.ScoredGroup
+    )
+    learner = Learner(settings, redis_client, tiny_model())
+    learner.version = 5  # as if trained for a while
+    for i, version in enumerate([1, 4, 2, 5, 3, 4]):
+        producer.send(scored_group(run_id, i, version))
+    record = learner.step(timeout_s=5)
+    assert record is not None
+    assert learner.counters["groups_dropped_stale"] == 3  # versions 1, 2, 3
+    assert record["staleness_max"] == 1
+    assert pending(redis_client, settings) == 0  # dropped ones are acked at the checkpoint
