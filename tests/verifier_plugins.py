@@ -45,3 +45,9 @@ def sleepy(response: str, reference: str) -> Verdict:
     """GSM8K verification that takes a while (so a batch is in flight long enough to kill)."""
     time.sleep(0.25)
     return verify_gsm8k(response, reference)
+
+
+def chatty(response: str, reference: str) -> bool:
+    """Prints to stdout (which must not corrupt the pool's protocol), then judges exactly."""
+    print("debugging output", response, flush=True)
+    return response == reference

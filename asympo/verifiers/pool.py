@@ -1,118 +1,107 @@
 """Verifier calls under a hard time limit, in worker processes that can be killed.
 
-A thread-safe pool of ``size`` worker processes (forkserver on Linux, so a
-replacement forks from a server that already imported sympy/math-verify; spawn
-elsewhere). A call that overruns ``time_limit_s`` kills its worker (SIGKILL),
-starts a replacement and returns reward 0 with reason ``"timeout"``; a worker that
-dies mid-call gives a failed verdict ``"verifier crashed"``. Either way the pool
-goes on. Workers die with their parent (PR_SET_PDEATHSIG on Linux).
+A thread-safe pool of ``size`` worker processes (``python -m asympo.verifiers.worker``,
+JSON lines over pipes; see that module). A call that overruns ``time_limit_s`` kills
+its worker (SIGKILL), starts a replacement and returns reward 0 with reason
+``"timeout"``; a worker that dies mid-call gives a failed verdict ``"verifier
+crashed"``. Either way the pool goes on. Workers are separate interpreters (exec, not
+fork), so the pool is safe in a process with threads or an initialised accelerator,
+and the time limit only counts from the moment a ready worker receives the request.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import multiprocessing
+import json
+import os
 import queue
-import signal
+import select
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from multiprocessing.connection import Connection
-from multiprocessing.context import BaseContext
-from multiprocessing.process import BaseProcess
+from typing import Any
 
 from asympo.verifiers.verdict import Verdict
 
 TIMEOUT = "timeout"
 CRASHED = "verifier crashed"
-_PRELOAD = ["asympo.verifiers.registry"]
-
-
-def _die_with_parent() -> None:
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def _worker_main(conn: Connection, plugins: dict[str, str], format_reward: float) -> None:
-    """Worker loop: receive (verifier, response, reference), reply with a verdict tuple."""
-    _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
-    from asympo.verifiers.registry import UnknownVerifierError, resolve_verifier, run_verifier
-
-    cache: dict[str, object] = {}
-    conn.send(("ready",))
-    while True:
-        try:
-            job = conn.recv()
-        except (EOFError, OSError):
-            return
-        if job is None:
-            return
-        name, response, reference = job
-        try:
-            fn = cache.get(name) or resolve_verifier(name, plugins)
-            cache[name] = fn
-        except UnknownVerifierError as exc:
-            conn.send(("verdict", 0.0, str(exc), False, True))
-            continue
-        verdict = run_verifier(fn, name, response, reference, format_reward)  # type: ignore[arg-type]
-        conn.send(("verdict", verdict.reward, verdict.reason, verdict.timed_out, verdict.failed))
-
-
-def _context() -> BaseContext:
-    if sys.platform.startswith("linux"):
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(_PRELOAD)
-        return ctx
-    return multiprocessing.get_context("spawn")
 
 
 class _Worker:
-    """One worker process and the parent's end of its pipe."""
+    """One worker process and the parent's ends of its pipes."""
 
-    def __init__(self, ctx: BaseContext, plugins: dict[str, str], format_reward: float) -> None:
-        self.conn, child = ctx.Pipe()  # type: ignore[attr-defined]
-        self.process: BaseProcess = ctx.Process(  # type: ignore[attr-defined]
-            target=_worker_main, args=(child, plugins, format_reward), daemon=True
+    def __init__(self, config_line: bytes) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "asympo.verifiers.worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            close_fds=True,
         )
-        self.process.start()
-        child.close()
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self._stdin = self.process.stdin
+        self._stdout_fd = self.process.stdout.fileno()
+        self._buffer = b""
         self.ready = False
+        self.send_line(config_line)
+
+    def send_line(self, line: bytes) -> None:
+        """Write one protocol line; raises OSError/ValueError if the worker is gone."""
+        self._stdin.write(line)
+        self._stdin.flush()
+
+    def read_line(self, timeout_s: float) -> bytes | None:
+        """The next protocol line, None after ``timeout_s``; EOFError if the worker died."""
+        deadline = time.monotonic() + timeout_s
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            readable, _, _ = select.select([self._stdout_fd], [], [], remaining)
+            if not readable:
+                return None
+            chunk = os.read(self._stdout_fd, 1 << 16)
+            if not chunk:
+                raise EOFError("worker closed its output")
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
 
     def wait_ready(self, timeout_s: float) -> bool:
         """Block until the worker finished its imports; False if it died or took too long."""
-        if self.ready:
-            return True
-        try:
-            if self.conn.poll(timeout_s) and self.conn.recv() == ("ready",):
-                self.ready = True
-        except (EOFError, OSError):
-            return False
+        if not self.ready:
+            try:
+                line = self.read_line(timeout_s)
+            except (EOFError, OSError):
+                return False
+            self.ready = line is not None and json.loads(line).get("ready") is True
         return self.ready
 
     def kill(self) -> None:
         """SIGKILL the worker and reap it."""
-        with contextlib.suppress(OSError, ValueError):
-            self.process.kill()
-        self.process.join(timeout=5)
         with contextlib.suppress(OSError):
-            self.conn.close()
+            self.process.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=5)
+        self._close_pipes()
 
     def stop(self) -> None:
-        """Ask the worker to exit; kill it if it does not."""
-        with contextlib.suppress(OSError, ValueError, BrokenPipeError):
-            self.conn.send(None)
-        self.process.join(timeout=2)
-        if self.process.is_alive():
+        """Close its input (the worker exits at EOF); kill it if it does not."""
+        with contextlib.suppress(OSError, ValueError):
+            self._stdin.close()
+        try:
+            self.process.wait(timeout=2)
+        except subprocess.TimeoutExpired:
             self.kill()
-        with contextlib.suppress(OSError):
-            self.conn.close()
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        for pipe in (self.process.stdin, self.process.stdout):
+            with contextlib.suppress(OSError, ValueError):
+                if pipe is not None:
+                    pipe.close()
 
 
 class VerifierPool:
@@ -137,49 +126,46 @@ class VerifierPool:
         self.size = size
         self.time_limit_s = time_limit_s
         self.start_timeout_s = start_timeout_s
-        self._plugins = dict(plugins or {})
-        self._format_reward = format_reward
-        self._ctx = _context()
+        config = {
+            "plugins": dict(plugins or {}),
+            "format_reward": format_reward,
+            "sys_path": [p for p in sys.path if p],
+        }
+        self._config_line = json.dumps(config).encode() + b"\n"
         self._idle: queue.Queue[_Worker] = queue.Queue()
-        self._all: set[_Worker] = set()
-        self._lock = threading.Lock()
         self._closed = False
         self._executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="verifier")
+        self._counter_lock = threading.Lock()
         self.timeouts = 0
         self.crashes = 0
         for _ in range(size):
-            self._idle.put(self._new_worker())
-
-    def _new_worker(self) -> _Worker:
-        worker = _Worker(self._ctx, self._plugins, self._format_reward)
-        with self._lock:
-            self._all.add(worker)
-        return worker
-
-    def _replace(self, worker: _Worker) -> _Worker:
-        worker.kill()
-        with self._lock:
-            self._all.discard(worker)
-        return self._new_worker()
+            self._idle.put(_Worker(self._config_line))
 
     def score(self, verifier: str, response: str, reference: str) -> Verdict:
         """Verify one response; returns within about ``time_limit_s`` once a worker is free."""
         if self._closed:
             raise RuntimeError("VerifierPool is closed")
+        request = (
+            json.dumps(
+                {"verifier": verifier, "response": response, "reference": reference}
+            ).encode()
+            + b"\n"
+        )
         worker = self._idle.get()
         try:
-            for attempt in range(2):
+            for _attempt in range(2):
                 if not worker.wait_ready(self.start_timeout_s):
                     worker = self._replace(worker)
                     continue
                 try:
-                    worker.conn.send((verifier, response, reference))
+                    worker.send_line(request)
                 except (OSError, ValueError):
                     # Died while idle: retry once on a fresh worker, the job never ran.
                     worker = self._replace(worker)
                     continue
-                return self._await(worker, attempt)
-            self.crashes += 1
+                verdict, worker = self._await(worker)
+                return verdict
+            self._count("crashes")
             return Verdict(0.0, f"{CRASHED}: worker did not start", failed=True)
         finally:
             if self._closed:
@@ -187,35 +173,42 @@ class VerifierPool:
             else:
                 self._idle.put(worker)
 
-    def _await(self, worker: _Worker, attempt: int) -> Verdict:
+    def _replace(self, worker: _Worker) -> _Worker:
+        worker.kill()
+        return _Worker(self._config_line)
+
+    def _count(self, name: str) -> None:
+        with self._counter_lock:
+            setattr(self, name, getattr(self, name) + 1)
+
+    def _await(self, worker: _Worker) -> tuple[Verdict, _Worker]:
+        """The worker's verdict, or a timeout/crash verdict and a replacement worker."""
         started = time.monotonic()
         try:
-            arrived = worker.conn.poll(self.time_limit_s)
-            reply = worker.conn.recv() if arrived else None
+            line = worker.read_line(self.time_limit_s)
+            died = False
         except (EOFError, OSError):
-            reply, arrived = None, True
+            line, died = None, True
         elapsed = time.monotonic() - started
-        if reply is None:
-            self._swap_in(worker)
-            if arrived:
-                self.crashes += 1
-                code = worker.process.exitcode
-                return Verdict(0.0, f"{CRASHED} (exit code {code})", failed=True, elapsed_s=elapsed)
-            self.timeouts += 1
-            return Verdict(
-                0.0, f"{TIMEOUT} after {elapsed:.1f}s", timed_out=True, elapsed_s=elapsed
-            )
-        _, reward, reason, timed_out, failed = reply
-        elapsed = time.monotonic() - started
-        return Verdict(float(reward), str(reason), bool(timed_out), bool(failed), elapsed)
-
-    def _swap_in(self, worker: _Worker) -> None:
-        """Replace a dead or hung worker in place (the caller returns the object to the queue)."""
-        fresh = self._replace(worker)
-        worker.conn, worker.process, worker.ready = fresh.conn, fresh.process, False
-        with self._lock:
-            self._all.discard(fresh)
-            self._all.add(worker)
+        if line is None:
+            if died:
+                worker.kill()
+                self._count("crashes")
+                code = worker.process.returncode
+                verdict = Verdict(0.0, f"{CRASHED} (exit code {code})", failed=True)
+            else:
+                self._count("timeouts")
+                verdict = Verdict(0.0, f"{TIMEOUT} after {elapsed:.1f}s", timed_out=True)
+            return _with_elapsed(verdict, elapsed), self._replace(worker)
+        reply: dict[str, Any] = json.loads(line)
+        verdict = Verdict(
+            float(reply["reward"]),
+            str(reply["reason"]),
+            bool(reply["timed_out"]),
+            bool(reply["failed"]),
+            elapsed,
+        )
+        return verdict, worker
 
     def score_many(self, items: Sequence[tuple[str, str, str]]) -> list[Verdict]:
         """Verify ``(verifier, response, reference)`` items in parallel; verdicts in order."""
@@ -231,11 +224,13 @@ class VerifierPool:
                 self._idle.get_nowait().stop()
             except queue.Empty:
                 break
-        with self._lock:
-            self._all.clear()
 
     def __enter__(self) -> VerifierPool:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _with_elapsed(verdict: Verdict, elapsed: float) -> Verdict:
+    return Verdict(verdict.reward, verdict.reason, verdict.timed_out, verdict.failed, elapsed)

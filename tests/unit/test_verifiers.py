@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -181,6 +185,50 @@ def test_crashing_and_raising_verifiers_fail_without_stopping_the_pool(
     unknown = pool.score("no_such_verifier", "x", "y")
     assert unknown.failed and "unknown verifier" in unknown.reason
     assert pool.score("gsm8k", "7", "#### 7").reward == 1.0
+
+
+def test_plugin_printing_to_stdout_does_not_break_the_pool(pool: VerifierPool) -> None:
+    assert pool.score("tests.verifier_plugins:chatty", "a", "a").reward == 1.0
+    assert pool.score("tests.verifier_plugins:chatty", "a", "b").reward == 0.0
+
+
+OWNER_SCRIPT = """
+import sys, threading, time
+from asympo.verifiers import VerifierPool
+pool = VerifierPool(2, 60.0)
+assert pool.score("gsm8k", "1", "#### 1").reward == 1.0
+threading.Thread(target=pool.score, args=("tests.verifier_plugins:hang", "", "")).start()
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def test_workers_die_with_a_killed_owner(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[2]
+    script = tmp_path / "owner.py"  # no __main__ guard on purpose: workers must not re-run it
+    script.write_text(OWNER_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, env=env)
+    assert owner.stdout is not None and owner.stdout.readline() == b"ready\n"
+    children = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(owner.pid)], capture_output=True, text=True
+    ).stdout.split()
+    assert len(children) == 2
+    owner.send_signal(signal.SIGKILL)
+    owner.wait()
+    deadline = time.monotonic() + 5
+    alive = children
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [pid for pid in children if Path(f"/proc/{pid}").exists() and not _zombie(pid)]
+    assert not alive, "verifier workers outlived their owner"
+
+
+def _zombie(pid: str) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    except OSError:
+        return False
 
 
 LATEXISH = st.text(alphabet="\\{}()^_+-*/=.,0123456789xyzabfrcsqtbox $#%!", max_size=400)
