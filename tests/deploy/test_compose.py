@@ -62,10 +62,9 @@ def test_compose_validates_against_compose_spec() -> None:
 
 
 def test_compose_interpolation() -> None:
-    compose = compose_file({"ASYMPO_REWARD_REPLICAS": "5", "LEARNER_GPUS": "4"})
+    compose = compose_file({"ASYMPO_REWARD_REPLICAS": "5", "LEARNER_CUDA_DEVICES": "0,1"})
     assert compose["services"]["reward"]["deploy"]["replicas"] == "5"
-    gpu = compose["services"]["learner"]["deploy"]["resources"]["reservations"]["devices"][0]
-    assert gpu["count"] == "4"
+    assert compose["services"]["learner"]["environment"]["CUDA_VISIBLE_DEVICES"] == "0,1"
     assert compose_file()["services"]["reward"]["deploy"]["replicas"] == "2"
 
 
@@ -100,9 +99,8 @@ def test_ports_env_and_names_agree_with_settings() -> None:
         assert sd["port"] == section.http_port
         assert set(sd["names"]) & dns_names(compose, name), f"{name} is not scraped"
     weights = compose["services"]["weights"]
-    assert weights["ports"] == [
-        f"{p}:{p}" for p in (effective_settings(compose_env(weights)).weights.grpc_port,
-                             effective_settings(compose_env(weights)).weights.http_port)]
+    own = effective_settings(compose_env(weights)).weights
+    assert weights["ports"] == [f"127.0.0.1:{p}:{p}" for p in (own.grpc_port, own.http_port)]
 
 
 def test_gpu_and_cpu_profiles() -> None:
@@ -115,6 +113,12 @@ def test_gpu_and_cpu_profiles() -> None:
         assert svc["image"].endswith(":gpu") and svc["build"]["target"] == "gpu"
     learner = compose["services"]["learner"]
     assert "--nproc-per-node=${LEARNER_GPUS:-1}" in " ".join(learner["entrypoint"])
+    # Each GPU container sees every GPU and picks its own; by default they do not overlap,
+    # and the learner starts one process per device it is given.
+    devices = {name: compose["services"][name]["environment"]["CUDA_VISIBLE_DEVICES"]
+               for name in ("rollout", "learner")}
+    assert not set(devices["rollout"].split(",")) & set(devices["learner"].split(","))
+    assert len(devices["learner"].split(",")) == int(learner["environment"]["LEARNER_GPUS"])
     for name in ("rollout-cpu", "learner-cpu"):
         svc = compose["services"][name]
         assert svc["profiles"] == ["cpu"]
