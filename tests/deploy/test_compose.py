@@ -3,13 +3,17 @@ agreement with asympo/config.py, deploy/prometheus and deploy/grafana."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
+import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -226,3 +230,63 @@ def test_healthcheck_script_checks_the_configured_ports() -> None:
         server.shutdown()
         thread.join(timeout=10)
     assert check({"HEALTH_PORT": str(port)}) == 1
+
+
+def dockerignored(rel: str, patterns: list[str]) -> bool:
+    """Is ``rel`` (a path in the build context) excluded by .dockerignore ``patterns``?"""
+    parts = rel.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    for pattern in patterns:
+        if pattern.startswith("**/"):
+            if any(fnmatch.fnmatchcase(part, pattern[3:]) for part in parts):
+                return True
+        elif any(fnmatch.fnmatchcase(prefix, pattern) for prefix in prefixes):
+            return True
+    return False
+
+
+def test_wheel_builds_from_the_docker_build_context(tmp_path: Path) -> None:
+    """The wheel stage's COPY set (less .dockerignore) builds a wheel with generated protos."""
+    text = (ROOT / "Dockerfile").read_text()
+    stage = text.split(" AS wheel", 1)[1].split("\nFROM ", 1)[0]
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    context = tmp_path / "context"
+    for line in re.findall(r"^COPY\s+(?!--from)(.+)$", stage, flags=re.M):
+        *sources, _dest = line.split()
+        for source in sources:
+            src = ROOT / source
+            files = [src] if src.is_file() else [p for p in src.rglob("*") if p.is_file()]
+            for f in files:
+                rel = f.relative_to(ROOT).as_posix()
+                if not dockerignored(rel, patterns):
+                    (context / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(f, context / rel)
+    assert not (context / "asympo/v1/records_pb2.py").exists()  # generated, not copied
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+         "--quiet", "--wheel-dir", str(tmp_path / "out"), str(context)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    wheel = next((tmp_path / "out").glob("asympo-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for required in ("asympo/v1/records_pb2.py", "asympo/v1/weights_pb2_grpc.py",
+                     "asympo/config.py", "asympo/cli.py", "services/weights/main.py"):
+        assert required in names, f"{required} missing from the image's wheel"
+
+
+def test_volume_mount_points_exist_in_the_images_owned_by_the_service_user() -> None:
+    """A named volume mounted where the image has no directory would be root-owned."""
+    text = (ROOT / "Dockerfile").read_text()
+    for stage in ("slim", "gpu"):
+        body = text.split(f" AS {stage}", 1)[1].split("\nFROM ", 1)[0]
+        made = set(re.findall(r"mkdir -p ((?:/[\w/.-]+ ?)+)", body)[0].split())
+        assert "chown -R asympo:asympo /data /cache" in body
+        compose = compose_file()
+        for name, (_runs, svc) in asympo_services(compose).items():
+            if not svc["image"].endswith(f":{stage}"):
+                continue
+            for volume in svc.get("volumes", []):
+                target = volume.split(":")[1]
+                assert target in made | {"/data", "/cache"}, f"{name}: {target} not in image"
