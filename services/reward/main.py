@@ -78,11 +78,14 @@ class RewardService:
         while not self.stopping.is_set():
             try:
                 result = self.worker.step(block_ms=1000)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except Exception as exc:  # keep serving: report, back off, retry the batch
                 self._healthy = False
                 delay = RETRY_S[min(failures, len(RETRY_S) - 1)]
                 failures += 1
-                log.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
+                if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+                    log.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
+                else:
+                    log.exception("reward step failed; retrying in %.1fs", delay)
                 self.stopping.wait(delay)
                 continue
             self._healthy = True

@@ -191,7 +191,10 @@ def test_two_workers_score_every_group_exactly_once(
     run_id = stream_settings.run_id
     workers += [start_worker(redis_url, run_id, tmp_path) for _ in range(2)]
     producer = Producer(redis_client, stream_settings.key("rollouts"), records_pb2.RolloutGroup)
-    groups = [make_group(run_id, i, "sleepy", [str(i), f"#### {i + 1}"]) for i in range(24)]
+    # 4 groups x 4 samples x 0.25 s / 2 verifier processes = 2 s per batch, longer than
+    # reclaim_idle_ms: in-flight groups must be kept, not reclaimed and verified twice.
+    responses = lambda i: [str(i), f"#### {i + 1}", str(i), "none"]  # noqa: E731
+    groups = [make_group(run_id, i, "sleepy", responses(i)) for i in range(20)]
     producer.send_many(groups)
 
     wait_for(
@@ -206,14 +209,22 @@ def test_two_workers_score_every_group_exactly_once(
     assert reward_pending(redis_client, stream_settings) == 0
     assert {g.scorer for g in scored} == {w.name for w in workers}, "both workers took part"
     for group in scored:
-        assert [s.reward for s in group.scores] == [1.0, 0.0]
-        assert [s.reason for s in group.scores] == ["correct", "wrong answer"]
+        assert [s.reward for s in group.scores] == [1.0, 0.0, 1.0, 0.0]
+        assert [s.reason for s in group.scores] == [
+            "correct",
+            "wrong answer",
+            "correct",
+            "no answer",
+        ]
         assert group.rollout.samples[0].completion_text == group.rollout.prompt.prompt_id[2:]
     text = httpx.get(f"http://127.0.0.1:{workers[0].http_port}/metrics").text
     assert 'asympo_reward_groups_total{task="arith"}' in text
     assert 'asympo_reward_mean_by_task{task="arith"} 0.5' in text
     assert "asympo_verifier_seconds_bucket" in text
     assert "asympo_stream_lag_entries" in text
+    for worker in workers:
+        text = httpx.get(f"http://127.0.0.1:{worker.http_port}/metrics").text
+        assert "asympo_reward_duplicate_groups_total 0.0" in text, "a group was verified twice"
     assert [w.stop() for w in workers] == [0, 0], "SIGTERM stops a worker cleanly"
 
 
