@@ -1,0 +1,68 @@
+"""A character-level tokenizer in standard Hugging Face format.
+
+One token per character of printable ASCII plus newline and tab, and three
+special tokens. It is a ``tokenizers`` BPE model with no merges, so
+``AutoTokenizer`` and vLLM load it like any fast tokenizer, and decoding with a
+``Fuse`` decoder gives back the exact text (no spaces inserted, no clean-up).
+Like Qwen tokenizers, encoding adds no special token: prompts are plain text.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models
+
+PAD_TOKEN = "<|pad|>"
+BOS_TOKEN = "<|bos|>"
+EOS_TOKEN = "<|eos|>"
+UNK_TOKEN = "<|unk|>"
+SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)
+
+# Printable ASCII (space through tilde), then newline and tab. Order fixes the ids.
+CHARACTERS = (*(chr(c) for c in range(32, 127)), "\n", "\t")
+assert set(CHARACTERS) >= set(string.digits + "+-*=#\n ")
+
+
+def char_vocab() -> dict[str, int]:
+    """Token string -> id: the special tokens first (ids 0-3), then one id per character."""
+    tokens = list(SPECIAL_TOKENS) + list(CHARACTERS)
+    return {tok: i for i, tok in enumerate(tokens)}
+
+
+def build_char_tokenizer() -> Tokenizer:
+    """The raw ``tokenizers.Tokenizer``: BPE without merges = one token per character."""
+    vocab = char_vocab()
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK_TOKEN))
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return tok
+
+
+def save_char_tokenizer(directory: str | Path, model_max_length: int) -> None:
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json to ``directory``.
+
+    ``model_max_length`` is the context length the model was built with.
+    """
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    build_char_tokenizer().save(str(out / "tokenizer.json"))
+    specials = {
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "pad_token": PAD_TOKEN,
+        "unk_token": UNK_TOKEN,
+    }
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "padding_side": "left",
+        **specials,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
