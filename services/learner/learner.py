@@ -44,6 +44,7 @@ from services.learner.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from services.learner.distributed import DistInfo, broadcast_batch, decode_batch, shard
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,10 @@ class Learner:
         consumer_name: str = "learner-0",
         metrics_writer: MetricsWriter | None = None,
         pad_id: int = 0,
+        dist_info: DistInfo | None = None,
     ) -> None:
         self.settings = settings
+        self.dist = dist_info
         self.lc = settings.learner
         self.redis = redis_client
         self.model = model
@@ -284,8 +287,12 @@ class Learner:
         start = time.monotonic()
         stalenesses = [self.version - v for h in batch for v in h.group.versions]
         groups = [h.group for h in batch]
+        local = groups
+        if self.dist is not None and self.dist.active:
+            broadcast_batch([h.delivery.msg.SerializeToString() for h in batch])
+            local = shard(groups, self.dist)
         stats = train_step(
-            self.model, self.optimizer, groups, self.cfg, self.scheduler, pad_id=self.pad_id
+            self.model, self.optimizer, local, self.cfg, self.scheduler, pad_id=self.pad_id
         )
         seconds = max(time.monotonic() - start, 1e-9)
         self.version += 1
@@ -381,6 +388,11 @@ class Learner:
             self.unacked = []
         return str(path)
 
+    def stop_followers(self) -> None:
+        """Tell the other ranks (if any) that training is over."""
+        if self.dist is not None and self.dist.active:
+            broadcast_batch(None)
+
     def run(self, max_steps: int = 0) -> int:
         """Step until stopped or ``max_steps`` (0 = forever); returns the steps taken."""
         steps = 0
@@ -388,3 +400,22 @@ class Learner:
             if self.step(timeout_s=1.0) is not None:
                 steps += 1
         return steps
+
+
+def follow(settings: Settings, model: torch.nn.Module, info: DistInfo, pad_id: int = 0) -> int:
+    """Ranks > 0: train the shard of every batch rank 0 broadcasts until it says stop.
+
+    Resumes model, optimiser and scheduler from the same checkpoint as rank 0 (the
+    checkpoint directory must be shared). Returns the number of steps taken.
+    """
+    optimizer, scheduler = make_optimizer(model, settings)
+    path = latest_checkpoint(settings.learner.checkpoint_dir)
+    if path is not None:
+        load_checkpoint(path, model, optimizer, scheduler)
+    cfg = step_config(settings)
+    steps = 0
+    while (payload := broadcast_batch(None)) is not None:
+        groups = shard(decode_batch(payload), info)
+        train_step(model, optimizer, groups, cfg, scheduler, pad_id=pad_id)
+        steps += 1
+    return steps

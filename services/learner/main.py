@@ -22,35 +22,36 @@ from transformers import PreTrainedTokenizerBase
 
 from asympo.config import Settings
 from asympo.evaluation import evaluate, hf_greedy
-from asympo.model.loading import load_causal_lm, load_tokenizer, resolve_model_path
+from asympo.losses import needs_behaviour_logprobs
+from asympo.model.loading import (
+    ModelLoadError,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_path,
+)
 from asympo.probe import make_probe, probe_tokens
-from asympo.redis_conn import connect
+from asympo.redis_conn import RedisUnavailable, connect
 from asympo.run_log import METRICS_FILE, MetricsWriter
 from asympo.serving import HttpServer, make_http_app
 from asympo.tasks import Task, load_task
 from asympo.verifiers import as_verdict, resolve_verifier
 from asympo.weights_client import PublishRejected, WeightsClient, WeightsClientError
 from services.learner import metrics
-from services.learner.learner import Learner, Publisher
+from services.learner.distributed import init_distributed, wrap_ddp
+from services.learner.learner import Learner, Publisher, follow
 
 log = logging.getLogger("asympo.learner")
 
 PUBLISH_RETRY_S = 120.0
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` = the first CUDA device if there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def weights_publisher(settings: Settings, client: WeightsClient, tokens: list[int]) -> Publisher:
     """Publish through the weights service, retrying while it is not up yet."""
 
     def publish(version: int, parent: int, model: torch.nn.Module) -> None:
-        probe = make_probe(model, tokens, settings.rollout.probe_tolerance)
+        # The bare module: a forward through the DDP wrapper on rank 0 alone would hang.
         inner = getattr(model, "module", model)
+        probe = make_probe(inner, tokens, settings.rollout.probe_tolerance)
         state = {k: v.detach() for k, v in inner.state_dict().items()}
         deadline = time.monotonic() + PUBLISH_RETRY_S
         start = time.monotonic()
@@ -98,13 +99,37 @@ def held_out_accuracy(
 
 
 def run(settings: Settings) -> None:
-    """Run the learner until ``learner.max_steps`` (0 = forever) or a signal."""
+    """Run the learner until ``learner.max_steps`` (0 = forever) or a signal.
+
+    Configuration mistakes (unknown loss, missing model or task data, unreachable
+    Redis) are logged as one clear line and exit with status 2.
+    """
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    try:
+        _run(settings)
+    except (ValueError, ModelLoadError, RedisUnavailable) as exc:
+        # ValueError covers TaskError and an unknown loss or advantage name.
+        log.error("learner cannot start: %s", exc)
+        raise SystemExit(2) from exc
+
+
+def _run(settings: Settings) -> None:
     lc = settings.learner
+    needs_behaviour_logprobs(lc.loss)  # an unknown loss name fails here, before any work
     torch.manual_seed(lc.seed)
-    device = resolve_device(lc.device)
+    info = init_distributed(lc.device)
+    device = info.device
+    path = resolve_model_path(settings)
+    model = load_causal_lm(path, settings.model.dtype, str(device)).train()
+    tokenizer = load_tokenizer(path)
+    pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    trained = wrap_ddp(model, info)
+    if info.rank != 0:
+        steps = follow(settings, trained, info, pad_id)
+        log.info("rank %d: trained %d steps", info.rank, steps)
+        return
     redis_client = connect(settings.redis_url(), settings.redis.embedded_dir)
     task = load_task(
         settings.task.name,
@@ -113,21 +138,18 @@ def run(settings: Settings) -> None:
         settings.task.train_size,
         settings.task.eval_size,
     )
-    path = resolve_model_path(settings)
-    model = load_causal_lm(path, settings.model.dtype, str(device)).train()
-    tokenizer = load_tokenizer(path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     client = WeightsClient.from_settings(settings)
     tokens = probe_tokens(int(model.config.vocab_size))
     writer = MetricsWriter(Path(settings.run_dir) / METRICS_FILE)
     learner = Learner(
         settings,
         redis_client,
-        model,
+        trained,
         task=task,
         publisher=weights_publisher(settings, client, tokens),
         metrics_writer=writer,
-        pad_id=int(pad_id),
+        pad_id=pad_id,
+        dist_info=info,
     )
     http = HttpServer(
         make_http_app(metrics.REGISTRY, title="asympo learner"),
@@ -151,6 +173,9 @@ def run(settings: Settings) -> None:
         device,
     )
     try:
+        if lc.eval_every and learner.version == 0:
+            acc = held_out_accuracy(settings, model, tokenizer, task)
+            writer.write({"step": 0, "version": 0, "accuracy": acc})
         while not learner.stop_event.is_set() and (
             lc.max_steps == 0 or learner.version < lc.max_steps
         ):
@@ -168,6 +193,7 @@ def run(settings: Settings) -> None:
                 record["reward_mean"],
                 record["staleness_mean"],
             )
+        learner.stop_followers()
         learner.checkpoint()
         if learner.published_version < learner.version:
             learner.publish()

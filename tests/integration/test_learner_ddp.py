@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
-from torch.nn.parallel import DistributedDataParallel
 
 from asympo.training import StepConfig, TrainGroup, train_step
+from services.learner.distributed import DistInfo, wrap_ddp
 from tests.unit.test_learner_step import fixed_groups, tiny_model
 
 CFG = StepConfig(loss="asympo", micro_batch=2, grad_clip=0.1)
@@ -32,7 +32,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     try:
         for name, groups in batches().items():
             model = tiny_model()
-            ddp = DistributedDataParallel(model)
+            ddp = wrap_ddp(model, DistInfo(rank, world, torch.device("cpu")))
             opt = torch.optim.SGD(ddp.parameters(), lr=LR)
             stats = train_step(ddp, opt, groups[rank::world], CFG)
             params = {n: p.detach().contiguous() for n, p in model.named_parameters()}

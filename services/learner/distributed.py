@@ -1,0 +1,114 @@
+"""Data-parallel learner under torchrun: rank 0 does all I/O, every rank trains a shard.
+
+Rank 0 reads the scored stream, forms the batch and broadcasts it as serialized
+``ScoredGroup`` protobufs (never pickle); rank r trains ``groups[r::world]``; the
+training step (``asympo.training.train_step``) weights every micro-batch by its share of
+the *global* batch, so the DDP-averaged gradient equals the single-process one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from asympo.training import TrainGroup, group_from_scored
+from asympo.v1 import records_pb2
+
+_STOP = -1
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: rank, world size and its device."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def active(self) -> bool:
+        """More than one process takes part."""
+        return self.world > 1
+
+
+def init_distributed(device_setting: str) -> DistInfo:
+    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_setting in ("auto", "cuda")
+    if device_setting not in ("auto", "cuda"):
+        device = torch.device(device_setting)
+    elif use_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(rank, world, device)
+
+
+def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel when several ranks take part, else as it is.
+
+    Buffers are not broadcast: the policy's buffers (rotary frequencies) are identical on
+    every rank, and a per-forward broadcast would pair up wrongly when ranks run different
+    numbers of micro-batches.
+    """
+    if not info.active:
+        return model
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+
+
+def _comm_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_batch(payload: list[bytes] | None) -> list[bytes] | None:
+    """Rank 0 sends ``payload`` (None = stop); every rank returns what rank 0 sent."""
+    device = _comm_device()
+    header = torch.zeros(1, dtype=torch.long, device=device)
+    if dist.get_rank() == 0:
+        header[0] = _STOP if payload is None else len(payload)
+    dist.broadcast(header, 0)
+    n = int(header.item())
+    if n == _STOP:
+        return None
+    lengths = torch.zeros(n, dtype=torch.long, device=device)
+    if dist.get_rank() == 0 and payload is not None:
+        lengths = torch.tensor([len(p) for p in payload], dtype=torch.long, device=device)
+    dist.broadcast(lengths, 0)
+    total = int(lengths.sum().item())
+    blob = torch.zeros(total, dtype=torch.uint8, device=device)
+    if dist.get_rank() == 0 and payload is not None and total:
+        blob = torch.frombuffer(bytearray(b"".join(payload)), dtype=torch.uint8).to(device)
+    dist.broadcast(blob, 0)
+    data = blob.cpu().numpy().tobytes()
+    out, offset = [], 0
+    for length in lengths.tolist():
+        out.append(data[offset : offset + length])
+        offset += length
+    return out
+
+
+def decode_batch(payload: list[bytes]) -> list[TrainGroup]:
+    """The training groups of a broadcast batch."""
+    groups = []
+    for raw in payload:
+        msg = records_pb2.ScoredGroup()
+        msg.ParseFromString(raw)
+        groups.append(group_from_scored(msg))
+    return groups
+
+
+def shard(groups: list[TrainGroup], info: DistInfo) -> list[TrainGroup]:
+    """This rank's share of the batch."""
+    return groups[info.rank :: info.world]
