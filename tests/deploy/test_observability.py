@@ -8,6 +8,8 @@ import ast
 import importlib
 import json
 import re
+import shutil
+import subprocess
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -238,3 +240,41 @@ def test_grafana_provisioning_files_are_valid() -> None:
         assert data["apiVersion"] == 1, path
     dash = dashboard()
     assert dash["uid"] and dash["title"] == "ASymPO"
+
+
+needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None,
+                                    reason="promtool is not installed (Debian: prometheus)")
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run promtool; its output is in the assertion message on failure."""
+    return subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=120)
+
+
+@needs_promtool
+def test_alert_rules_unit_tests_with_promtool() -> None:
+    """Each alert fires on the situation it names and stays quiet otherwise."""
+    result = promtool("test", "rules", str(ROOT / "deploy/prometheus/alerts_test.yml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    tested = set(re.findall(r"alertname: (\w+)",
+                            (ROOT / "deploy/prometheus/alerts_test.yml").read_text()))
+    untested = {r["alert"] for r in alert_rules()} - tested
+    assert not untested, f"alerts without a promtool unit test: {untested}"
+
+
+@needs_promtool
+def test_prometheus_config_and_dashboard_queries_parse(tmp_path: Path) -> None:
+    """promtool parses the compose scrape config and every dashboard expression."""
+    config = (ROOT / "deploy/prometheus/prometheus.yml").read_text()
+    (tmp_path / "prometheus.yml").write_text(
+        config.replace("/etc/prometheus/alerts.yml", str(ALERTS)))
+    result = promtool("check", "config", str(tmp_path / "prometheus.yml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Grafana's range variables become durations; each query becomes a recording rule.
+    rules = [{"record": f"dashboard:query_{i}",
+              "expr": expr.replace("$__rate_interval", "1m").replace("$__range", "1h")}
+             for i, (_title, expr, _legend) in enumerate(dashboard_queries())]
+    path = tmp_path / "dashboard_rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    result = promtool("check", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
