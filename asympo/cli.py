@@ -89,6 +89,82 @@ def serve_learner(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
     _serve("learner", config, overrides)
 
 
+@app.command()
+def up(
+    steps: Annotated[int, typer.Option(help="Stop after this many learner steps.")] = 40,
+    run_id: Annotated[
+        str | None, typer.Option(help="Run id (stream prefix, run dir name); default: up-<time>.")
+    ] = None,
+    rollout_replicas: Annotated[int, typer.Option(min=1, max=16, help="Rollout processes.")] = 1,
+    live: Annotated[bool, typer.Option(help="Live table (--no-live: stream service logs).")] = True,
+    max_wall: Annotated[
+        float, typer.Option(help="Abort after this many seconds (0 = no limit).")
+    ] = 0.0,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Run the whole system locally: Redis, weights, reward, rollout and learner, live.
+
+    Uses the tiny default model (built on first use) on the arith task unless configured
+    otherwise. Stops after --steps learner steps or on Ctrl-C; leaves no process behind.
+    The run directory keeps config.yaml, metrics.jsonl, logs/, final/ and plot.png.
+    """
+    import time as _time
+
+    from asympo.launcher import LaunchError, run_up, with_run_defaults
+    from asympo.redis_conn import EmbeddedRedis, RedisUnavailable
+    from asympo.run_plot import plot_run
+
+    if steps < 1:
+        raise fail("--steps must be at least 1")
+    rid = run_id or _time.strftime("up-%Y%m%d-%H%M%S")
+    settings = settings_from_cli(
+        config,
+        [f"streams.run_id={rid}", f"learner.max_steps={steps}", *(overrides or [])],
+    )
+    if settings.run_dir == Settings().run_dir:
+        settings = settings.model_copy(update={"run_dir": f"runs/{rid}"})
+    settings = with_run_defaults(settings)
+    model_path = resolve_model(settings)
+    settings = settings.model_copy(
+        update={"model": settings.model.model_copy(update={"path": model_path})}
+    )
+    embedded: EmbeddedRedis | None = None
+    try:
+        url = settings.redis_url()
+        if not url:
+            embedded = EmbeddedRedis(settings.redis.embedded_dir).start()
+            url = embedded.url
+            console.print(f"embedded Redis at {url}")
+        result = run_up(
+            settings, url, rollout_replicas=rollout_replicas, live=live, max_wall_s=max_wall
+        )
+    except (LaunchError, RedisUnavailable) as exc:
+        raise fail(str(exc), code=1) from exc
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    if result.records:
+        png = plot_run(result.records, result.run_dir / "plot.png", title=rid)
+        console.print(f"plot: {png}")
+    before = "—" if result.accuracy_first is None else f"{result.accuracy_first:.3f}"
+    after = "—" if result.accuracy_last is None else f"{result.accuracy_last:.3f}"
+    console.print(
+        f"[bold]done[/bold]: {result.steps} steps; held-out accuracy {before} → {after}; "
+        f"run dir {result.run_dir}" + (" (interrupted)" if result.interrupted else "")
+    )
+
+
+def resolve_model(settings: Settings) -> str:
+    """The model path to serve: the configured one, or the tiny default (built if not cached)."""
+    if settings.model.path:
+        return settings.model.path
+    from asympo.model import ensure_default_model
+
+    console.print("building or reusing the tiny default model (asympo init-model) ...")
+    return str(ensure_default_model(settings))
+
+
 @app.command("init-model")
 def init_model(
     force: Annotated[bool, typer.Option(help="Rebuild even if a cached model exists.")] = False,
