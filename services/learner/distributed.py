@@ -8,8 +8,10 @@ the *global* batch, so the DDP-averaged gradient equals the single-process one.
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -63,7 +65,11 @@ def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     if not info.active:
         return model
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    # Newer torch renamed the switch (and deprecates the old name); older torch lacks it.
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    key = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    no_buffer_sync: dict[str, Any] = {key: False}
+    return DistributedDataParallel(model, device_ids=ids, **no_buffer_sync)
 
 
 def _comm_device() -> torch.device:
