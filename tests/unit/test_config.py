@@ -53,3 +53,12 @@ def test_dump_masks_secrets() -> None:
     s = load_settings(None, ["weights.publish_token=hunter2"])
     assert s.weights.publish_token.get_secret_value() == "hunter2"
     assert "hunter2" not in dump_settings(s)
+
+
+def test_configuration_reference_is_current() -> None:
+    from pathlib import Path
+
+    from asympo.config_doc import render
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+    assert doc.read_text() == render(), "run: python -m asympo.config_doc > docs/configuration.md"
