@@ -65,7 +65,7 @@ class WeightsSettings(Section):
     store_dir: str = "runs/weights"
     keep_last: int = Field(3, ge=1, description="versions kept besides pinned and in-use ones")
     publish_token: SecretStr = Field(SecretStr(""), description="bearer token for Publish")
-    chunk_bytes: int = Field(1 << 20, ge=4096, le=64 << 20)
+    chunk_bytes: int = Field(1 << 20, ge=4096, le=32 << 20, description="bytes per gRPC chunk")
     max_publish_bytes: int = Field(256 << 30, ge=1)
 
 

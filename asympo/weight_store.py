@@ -33,6 +33,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -96,13 +97,47 @@ def manifest_from_json(text: str) -> records_pb2.WeightsManifest:
     return manifest
 
 
+class BackgroundHash:
+    """sha256 computed on a helper thread, one chunk behind the caller.
+
+    hashlib releases the GIL on large buffers, so hashing chunk i overlaps with the
+    caller receiving, writing or sending chunk i+1: verification costs far less
+    wall time than a serial hash. At most one chunk waits, so memory stays bounded.
+    """
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        self._pending: Future[None] | None = None
+
+    def update(self, data: bytes) -> None:
+        """Hash ``data`` after everything given before it."""
+        if self._pending is not None:
+            self._pending.result()
+        self._pending = self._pool.submit(self._digest.update, data)
+
+    def hexdigest(self) -> str:
+        """The hex digest of everything given so far (waits for the helper)."""
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+        return self._digest.hexdigest()
+
+    def close(self) -> None:
+        """Stop the helper thread (after the pending chunk)."""
+        self._pool.shutdown(wait=False)
+
+
 def file_sha256(path: Path, chunk_bytes: int = 4 << 20) -> str:
     """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
+    digest = BackgroundHash()
+    try:
+        with path.open("rb") as f:
+            while block := f.read(chunk_bytes):
+                digest.update(block)
+        return digest.hexdigest()
+    finally:
+        digest.close()
 
 
 def safetensors_dtypes(header_bytes: bytes) -> dict[str, str]:
@@ -193,7 +228,7 @@ class StagedPublish:
         self.dir.mkdir(parents=True)
         self._expected = {s.name: s for s in manifest.shards}
         self._written: dict[str, int] = {}
-        self._hashes: dict[str, hashlib._Hash] = {}
+        self._hashes: dict[str, BackgroundHash] = {}
         self._files: dict[str, BinaryIO] = {}
         self.bytes_received = 0
         self._done = False
@@ -221,7 +256,7 @@ class StagedPublish:
         if f is None:
             f = (self.dir / shard).open("wb")
             self._files[shard] = f
-            self._hashes[shard] = hashlib.sha256()
+            self._hashes[shard] = BackgroundHash()
         f.write(data)
         self._hashes[shard].update(data)
         self._written[shard] = done + len(data)
@@ -259,6 +294,7 @@ class StagedPublish:
             if got != info.size:
                 raise IntegrityError(f"shard {name!r}: received {got} of {info.size} bytes")
             digest = self._hashes[name].hexdigest()
+            self._hashes[name].close()
             if digest != info.sha256:
                 raise IntegrityError(
                     f"shard {name!r}: sha256 {digest} does not match the manifest's {info.sha256}"
@@ -279,49 +315,78 @@ class StagedPublish:
         for f in self._files.values():
             with contextlib.suppress(OSError):
                 f.close()
+        for h in self._hashes.values():
+            h.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class ShardReader:
-    """Reads one stored shard from an offset in chunks, hashing the whole file as it goes.
+FileIdentity = tuple[int, int, int, int]
 
-    The bytes before ``offset`` are hashed from disk first, so a resumed read still ends
-    with a full-file check: the last ``chunks()`` step raises IntegrityError when the
-    shard on disk no longer matches its manifest.
+
+def file_identity(path: Path) -> FileIdentity:
+    """(inode, size, mtime_ns, ctime_ns): changes whenever the file is rewritten."""
+    st = path.stat()
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class ShardReader:
+    """Reads one stored shard from an offset in chunks and checks it against its manifest.
+
+    A shard whose file identity (inode, size, mtime, ctime) is unchanged since it was
+    last verified is served without re-hashing (the client verifies every byte it gets
+    anyway); otherwise the whole file is hashed as it streams (the bytes before
+    ``offset`` first), and the last ``chunks()`` step raises IntegrityError when the
+    shard no longer matches its manifest.
     """
 
-    def __init__(self, path: Path, info: records_pb2.ShardInfo, offset: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        info: records_pb2.ShardInfo,
+        offset: int,
+        verified: dict[Path, FileIdentity] | None = None,
+    ) -> None:
         if offset < 0 or offset > info.size:
             raise ValueError(f"offset {offset} outside shard {info.name!r} of {info.size} bytes")
         self.path = path
         self.info = info
         self.offset = offset
+        self._verified = verified
 
     def chunks(self, chunk_bytes: int) -> Iterator[tuple[int, bytes]]:
         """Yield ``(offset, data)`` pairs from ``self.offset`` to the end, then verify."""
-        digest = hashlib.sha256()
         try:
             f = self.path.open("rb")
+            identity = file_identity(self.path)
         except FileNotFoundError as exc:
             raise VersionNotFound(f"shard {self.info.name!r} is gone (deleted?)") from exc
+        trusted = self._verified is not None and self._verified.get(self.path) == identity
+        digest = None if trusted else BackgroundHash()
         with f:
-            remaining = self.offset
-            while remaining > 0:
-                block = f.read(min(4 << 20, remaining))
-                if not block:
-                    break
-                digest.update(block)
-                remaining -= len(block)
+            if digest is not None:
+                remaining = self.offset
+                while remaining > 0 and (block := f.read(min(4 << 20, remaining))):
+                    digest.update(block)
+                    remaining -= len(block)
+            f.seek(self.offset)
             position = self.offset
             while block := f.read(chunk_bytes):
-                digest.update(block)
+                if digest is not None:
+                    digest.update(block)
                 yield position, block
                 position += len(block)
-        if position != self.info.size or digest.hexdigest() != self.info.sha256:
+        actual = self.info.sha256 if digest is None else digest.hexdigest()
+        if digest is not None:
+            digest.close()
+        if position != self.info.size or actual != self.info.sha256:
+            if self._verified is not None:
+                self._verified.pop(self.path, None)
             raise IntegrityError(
                 f"shard {self.info.name!r} is corrupted in the store "
                 f"(size {position} vs {self.info.size}, sha256 mismatch)"
             )
+        if self._verified is not None and not trusted:
+            self._verified[self.path] = identity
 
 
 class WeightStore:
@@ -344,6 +409,8 @@ class WeightStore:
                 shutil.rmtree(child, ignore_errors=True)
         self._lock = threading.Condition()
         self._leases: dict[int, int] = {}
+        # Shards whose bytes were hashed and matched, by file identity (see ShardReader).
+        self._verified: dict[Path, FileIdentity] = {}
         self._manifests: dict[int, records_pb2.WeightsManifest] = {}
         for child in self.versions_dir.iterdir():
             manifest_path = child / MANIFEST_NAME
@@ -412,13 +479,16 @@ class WeightStore:
         for info in manifest.shards:
             if info.name == shard:
                 path = self.versions_dir / version_dirname(manifest.version) / info.name
-                return ShardReader(path, info, offset)
+                return ShardReader(path, info, offset, self._verified)
         raise VersionNotFound(f"version {manifest.version} has no shard {shard!r}")
 
     def verify(self, version: int) -> None:
-        """Re-hash every shard of ``version``; raises IntegrityError on the first mismatch."""
+        """Re-hash every shard of ``version`` (a scrub: no trust in earlier checks);
+        raises IntegrityError on the first mismatch."""
         with self.lease(version) as manifest:
+            directory = self.versions_dir / version_dirname(manifest.version)
             for info in manifest.shards:
+                self._verified.pop(directory / info.name, None)
                 for _ in self.reader(manifest, info.name, 0).chunks(4 << 20):
                     pass
 
@@ -460,6 +530,8 @@ class WeightStore:
                 return existing
             os.rename(staged, target)
             _fsync_dir(self.versions_dir)
+            for info in manifest.shards:  # just verified by StagedPublish.commit
+                self._verified[target / info.name] = file_identity(target / info.name)
             self._manifests[manifest.version] = manifest
             self._lock.notify_all()
         log.info("published version %d (%d shards)", manifest.version, len(manifest.shards))
@@ -497,6 +569,8 @@ class WeightStore:
                 doomed = self.trash_dir / f"{directory.name}-{uuid.uuid4().hex[:8]}"
                 os.rename(directory, doomed)
                 del self._manifests[version]
+                for path in [p for p in self._verified if p.parent == directory]:
+                    del self._verified[path]
                 deleted.append(version)
         for child in self.trash_dir.iterdir():
             shutil.rmtree(child, ignore_errors=True)

@@ -20,13 +20,13 @@ against the manifest, and only then renames the directory to ``<dest_root>/<vers
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -40,6 +40,7 @@ from asympo.serving import bearer_metadata, client_channel
 from asympo.v1 import records_pb2, weights_pb2, weights_pb2_grpc
 from asympo.weight_store import (
     MANIFEST_NAME,
+    BackgroundHash,
     file_sha256,
     manifest_from_json,
     manifest_to_json,
@@ -149,8 +150,12 @@ def build_manifest(
     manifest = records_pb2.WeightsManifest(
         version=version, parent_version=parent_version, created_at=time.time()
     )
-    for path in shard_paths:
-        manifest.shards.add(name=path.name, sha256=file_sha256(path), size=path.stat().st_size)
+    # One thread per shard (up to the cores): hashlib releases the GIL.
+    workers = max(1, min(len(shard_paths), os.cpu_count() or 1, 8))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        digests = list(pool.map(file_sha256, shard_paths))
+    for path, digest in zip(shard_paths, digests, strict=True):
+        manifest.shards.add(name=path.name, sha256=digest, size=path.stat().st_size)
     if probe is not None:
         manifest.probe.CopyFrom(probe)
     manifest.metadata.update(metadata or {})
@@ -256,7 +261,7 @@ class WeightsClient:
         partial = root / f".partial-{version_dirname(version)}"
         partial.mkdir(exist_ok=True)
         staged_manifest = partial / PARTIAL_MANIFEST_NAME
-        digests: dict[str, hashlib._Hash] = {}
+        digests: dict[str, BackgroundHash] = {}
         received = 0
         try:
             if staged_manifest.is_file():  # resuming an earlier, interrupted fetch
@@ -278,7 +283,7 @@ class WeightsClient:
         return FetchResult(final, manifest, received)
 
     def _stream_version(
-        self, version: int, partial: Path, digests: dict[str, hashlib._Hash]
+        self, version: int, partial: Path, digests: dict[str, BackgroundHash]
     ) -> tuple[records_pb2.WeightsManifest, int]:
         """Fetch every shard in one stream (the common case). A transient failure after the
         manifest arrived is left to the per-shard resume; returns (manifest, bytes)."""
@@ -305,7 +310,7 @@ class WeightsClient:
                 f = files.get(data.shard)
                 if f is None:
                     f = files[data.shard] = (partial / data.shard).open("wb")
-                    digests[data.shard] = hashlib.sha256()
+                    digests[data.shard] = BackgroundHash()
                 if data.offset != f.tell():
                     raise WeightsIntegrityError(
                         f"out-of-order data for {data.shard}: offset {data.offset}, "
@@ -332,7 +337,7 @@ class WeightsClient:
         info: records_pb2.ShardInfo,
         path: Path,
         retries: int,
-        digest: hashlib._Hash | None = None,
+        digest: BackgroundHash | None = None,
     ) -> int:
         """Bring ``path`` to the full, verified shard, resuming what is there; bytes received.
 
@@ -345,7 +350,7 @@ class WeightsClient:
             path.unlink()
             digest = None
         if digest is None or not path.exists():
-            digest = hashlib.sha256()
+            digest = BackgroundHash()
             if path.exists():
                 with path.open("rb") as f:
                     while block := f.read(4 << 20):
@@ -368,10 +373,12 @@ class WeightsClient:
                     f"shard {info.name} of version {manifest.version}: the server sent more "
                     f"than the {info.size} bytes the manifest declares"
                 )
-        if digest.hexdigest() != info.sha256:
+        actual = digest.hexdigest()
+        digest.close()
+        if actual != info.sha256:
             path.unlink()
             raise WeightsIntegrityError(
-                f"shard {info.name} of version {manifest.version}: sha256 {digest.hexdigest()} "
+                f"shard {info.name} of version {manifest.version}: sha256 {actual} "
                 f"does not match the manifest's {info.sha256}; refusing these weights"
             )
         return received
@@ -382,7 +389,7 @@ class WeightsClient:
         info: records_pb2.ShardInfo,
         path: Path,
         have: int,
-        digest: hashlib._Hash,
+        digest: BackgroundHash,
     ) -> int:
         """Append the shard's bytes from ``have`` to ``path``; bytes received (even on error)."""
         request = weights_pb2.FetchRequest(

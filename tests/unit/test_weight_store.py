@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from asympo.weight_store import (
     VersionExists,
     VersionNotFound,
     WeightStore,
+    file_identity,
     manifest_from_json,
     manifest_to_json,
 )
@@ -192,6 +194,9 @@ def test_corruption_on_disk_detected_on_read(tmp_path: Path) -> None:
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0x01
     path.write_bytes(bytes(raw))
+    # A rewrite changes the file's mtime/ctime; pin mtime far away so the test does not
+    # depend on the clock tick separating publish and corruption.
+    os.utime(path, ns=(1, 1))
     with pytest.raises(IntegrityError, match="corrupted"):
         read_all(store, 0, "a.safetensors")
     with pytest.raises(IntegrityError, match="corrupted"):  # also when resuming past the flip
@@ -199,3 +204,23 @@ def test_corruption_on_disk_detected_on_read(tmp_path: Path) -> None:
     with pytest.raises(IntegrityError):
         store.verify(0)
     read_all(store, 0, "b.safetensors")  # the other shard is fine
+
+
+def test_unchanged_verified_shards_are_served_without_rehash_but_scrub_rehashes(
+    tmp_path: Path,
+) -> None:
+    store = WeightStore(tmp_path)
+    publish(store, 0)
+    path = store.path(0) / "a.safetensors"
+    assert store._verified[path] == file_identity(path)
+    # Bit rot that leaves the file's identity alone: served as is (the fetching client
+    # hashes every byte it receives and refuses it), but a scrub finds it.
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x01
+    path.write_bytes(bytes(raw))
+    store._verified[path] = file_identity(path)
+    assert read_all(store, 0, "a.safetensors") == bytes(raw)
+    with pytest.raises(IntegrityError):
+        store.verify(0)
+    with pytest.raises(IntegrityError):  # and from then on it is re-hashed on every read
+        read_all(store, 0, "a.safetensors")
