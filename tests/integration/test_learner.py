@@ -132,6 +132,32 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(
                 redis_client.delete(*keys)
 
 
+def test_crash_between_checkpoint_and_ack_trains_nothing_twice(
+    redis_client: redis.Redis, run_id: str, key_prefix: str, tmp_path: Path
+) -> None:
+    settings = settings_for(run_id, tmp_path / "ckpt")
+    fill(redis_client, settings, run_id, 8)
+    first = Learner(settings, redis_client, tiny_model())
+    assert first.step(timeout_s=5) is not None
+
+    def die(*args: object, **kwargs: object) -> int:
+        raise RuntimeError("killed after the checkpoint was written, before the ack")
+
+    first.consumer.ack = die  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="killed"):
+        first.step(timeout_s=5)  # step 2 trains, checkpoints, then dies
+    assert pending(redis_client, settings) == 4  # nothing acked yet
+    trained_before = list(first.trained_group_log)
+    del first
+
+    second = Learner(settings, redis_client, tiny_model(seed=3))
+    assert second.version == 2
+    assert pending(redis_client, settings) == 0  # the checkpoint's entries were acked on resume
+    assert second.step(timeout_s=5) is not None
+    assert not set(trained_before) & set(second.trained_group_log)
+    assert len(second.trained_group_log) == 2
+
+
 class FastRollout(threading.Thread):
     """Answers every prompt at once, with the oldest weights the prompt allows."""
 
