@@ -322,6 +322,62 @@ def _denying_handler(handler: grpc.RpcMethodHandler, problem: str) -> grpc.RpcMe
     return grpc.unary_unary_rpc_method_handler(deny, deser, ser)
 
 
+class DecodeGuardInterceptor(grpc.ServerInterceptor):
+    """Answers a request that is not valid protobuf with INVALID_ARGUMENT and one log line.
+
+    Left to itself grpc answers INTERNAL ("Exception deserializing request!") and logs a
+    traceback, which reads as a server fault. Here the request arrives as bytes and is
+    parsed in the handler's thread, where a failure can be reported as the caller's.
+    """
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        """Wrap handlers that parse their requests; leave the rest alone."""
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        return _decoding_handler(handler, handler_call_details.method)
+
+
+def _decoding_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    parse = handler.request_deserializer
+    ser = handler.response_serializer
+
+    def decode(raw: bytes, context: grpc.ServicerContext) -> Any:
+        try:
+            return parse(raw)
+        except Exception as exc:  # protobuf raises DecodeError; any parse failure is the caller's
+            log.warning("%s: rejected a request that is not valid protobuf: %s", method, exc)
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid message: {exc}"
+            )
+
+    def messages(raws: Iterable[bytes], context: grpc.ServicerContext) -> Iterable[Any]:
+        for raw in raws:
+            yield decode(raw, context)
+
+    if handler.request_streaming:
+        streaming = handler.stream_stream or handler.stream_unary
+
+        def from_stream(raws: Iterable[bytes], context: grpc.ServicerContext) -> Any:
+            return streaming(messages(raws, context), context)
+
+        if handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(from_stream, None, ser)
+        return grpc.stream_unary_rpc_method_handler(from_stream, None, ser)
+    single = handler.unary_stream or handler.unary_unary
+
+    def from_one(raw: bytes, context: grpc.ServicerContext) -> Any:
+        return single(decode(raw, context), context)
+
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(from_one, None, ser)
+    return grpc.unary_unary_rpc_method_handler(from_one, None, ser)
+
+
 class GrpcServer:
     """A ``grpc.server`` with size limits, health service, token auth and optional TLS.
 
@@ -344,6 +400,8 @@ class GrpcServer:
         interceptors: list[grpc.ServerInterceptor] = []
         if protected_methods:
             interceptors.append(TokenAuthInterceptor(token, protected_methods))
+        # Innermost: authentication is decided before any request byte is parsed.
+        interceptors.append(DecodeGuardInterceptor())
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="grpc"),
             interceptors=interceptors,
