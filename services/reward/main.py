@@ -40,7 +40,9 @@ class RewardService:
         self.grpc = GrpcServer(
             GrpcOptions.from_settings(settings, cfg.host, cfg.grpc_port), services=[SERVICE_NAME]
         )
-        reward_pb2_grpc.add_RewardServicer_to_server(RewardServicer(self.pool), self.grpc.server)
+        reward_pb2_grpc.add_RewardServicer_to_server(
+            RewardServicer(self.pool, cfg.plugins), self.grpc.server
+        )
         self.http = HttpServer(
             make_http_app(metrics.REGISTRY, ready=self.ready, title="asympo reward"),
             cfg.host,
