@@ -11,15 +11,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import httpx
+import hypothesis
 import pytest
 import redis
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -437,3 +439,87 @@ def test_asympo_serve_weights_as_a_process(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+_ALLOWED = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.DATA_LOSS,
+    grpc.StatusCode.UNAUTHENTICATED,
+}
+_i64 = st.one_of(
+    st.integers(min_value=-(2**63), max_value=2**63 - 1), st.integers(min_value=-3, max_value=3)
+)
+_names = st.one_of(
+    st.sampled_from(["", "model-00001.safetensors", "../x.safetensors", "a" * 300]),
+    st.text(max_size=20),
+)
+
+
+def _status(call: Callable[[], object]) -> grpc.StatusCode | None:
+    try:
+        result = call()
+        if isinstance(result, Iterator):
+            for _ in itertools.islice(result, 50):
+                pass
+    except grpc.RpcError as exc:
+        return exc.code()  # type: ignore[no-any-return]
+    return None
+
+
+@hypothesis.settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture],
+)
+@hypothesis.given(
+    version=_i64,
+    shard=_names,
+    offset=_i64,
+    chunk=st.integers(min_value=-(2**31), max_value=2**31 - 1),
+    after=_i64,
+    size=_i64,
+    sha=st.sampled_from(["", "0" * 64, "zz"]),
+    garbage=st.binary(max_size=64),
+)
+def test_hostile_input_sweep_never_crashes_the_service(
+    service: WeightsService,
+    client: WeightsClient,
+    version: int,
+    shard: str,
+    offset: int,
+    chunk: int,
+    after: int,
+    size: int,
+    sha: str,
+    garbage: bytes,
+) -> None:
+    """Random field values on every method: a clear status (or success), never a crash."""
+    if service.store.latest() is None:
+        client.publish_state_dict(small_state(0), version=0)
+    stub = weights_pb2_grpc.WeightsStub(client.channel)
+    auth = (("authorization", f"Bearer {TOKEN}"),)
+    fetch = weights_pb2.FetchRequest(version=version, shard=shard, offset=offset, chunk_bytes=chunk)
+    assert _status(lambda: stub.Fetch(fetch, timeout=10)) in _ALLOWED | {None}
+    watch = weights_pb2.WatchRequest(after_version=after)
+    assert _status(lambda: stub.Watch(watch, timeout=0.1)) in _ALLOWED | {
+        None,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    }
+    manifest = records_pb2.WeightsManifest(version=version, parent_version=after)
+    manifest.shards.add(name=shard, sha256=sha, size=size)
+    chunks = [
+        weights_pb2.PublishChunk(manifest=manifest),
+        weights_pb2.PublishChunk(data=weights_pb2.ShardData(shard=shard, offset=offset, data=b"x")),
+    ]
+    assert _status(lambda: stub.Publish(iter(chunks), metadata=auth, timeout=10)) in _ALLOWED
+    # Bytes that are not a valid message at all.
+    raw = client.channel.unary_stream("/asympo.v1.Weights/Fetch")
+    code = _status(lambda: raw(garbage, timeout=10))
+    assert code in _ALLOWED | {None, grpc.StatusCode.INTERNAL}
+    latest = client.latest()
+    assert latest is not None and latest.version == 0  # still serving, nothing published

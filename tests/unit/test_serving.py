@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import httpx
@@ -10,6 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter
 
+from asympo.config import ConfigError
 from asympo.serving import (
     GrpcOptions,
     GrpcServer,
@@ -137,3 +140,49 @@ def test_grpc_size_limit_and_health(
     server.stop(grace=0.5)
     with pytest.raises(grpc.RpcError):
         health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+
+
+def test_grpc_tls(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    server = GrpcServer(
+        GrpcOptions("127.0.0.1", 0, tls_cert_file=str(cert), tls_key_file=str(key)),
+        services=["asympo.v1.Weights"],
+    )
+    weights_pb2_grpc.add_WeightsServicer_to_server(_Echo(), server.server)
+    port = server.start()
+    try:
+        with client_channel(f"localhost:{port}", tls_ca_file=str(cert)) as channel:
+            assert (
+                weights_pb2_grpc.WeightsStub(channel)
+                .Latest(weights_pb2.LatestRequest(), timeout=10)
+                .version
+                == 7
+            )
+        with client_channel(f"localhost:{port}") as plain, pytest.raises(grpc.RpcError):
+            weights_pb2_grpc.WeightsStub(plain).Latest(weights_pb2.LatestRequest(), timeout=2)
+    finally:
+        server.stop(grace=0.5)
+    with pytest.raises(ConfigError, match="both"):
+        GrpcServer(GrpcOptions("127.0.0.1", 0, tls_cert_file=str(cert))).start()
