@@ -81,7 +81,6 @@ class WeightsServicer(weights_pb2_grpc.WeightsServicer):
         self.stopping = threading.Event()
         self._watchers = 0
         self._watchers_lock = threading.Lock()
-        self._publish_lock = threading.Lock()
 
     # -- Publish ------------------------------------------------------------------------
 
