@@ -181,6 +181,8 @@ def main() -> None:
         "shards": args.shards,
         "repeats": args.repeats,
         "chunk_kb": chunk // 1024,
+        "cpus": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
         "copy_mb_s": round(mb / copy, 1),
         "publish_mb_s": round(mb / pub, 1),
         "fetch_mb_s": round(mb / fet, 1),
@@ -189,7 +191,10 @@ def main() -> None:
         "publish_to_announced_s": round(statistics.median(announce_s), 3),
         "publish_to_available_on_client_s": round(statistics.median(available_s), 3),
     }
-    print(f"checkpoint: {mb:.1f} MB in {args.shards} safetensors shards, {args.repeats} repeats")
+    print(
+        f"checkpoint: {mb:.1f} MB in {args.shards} safetensors shards, {args.repeats} repeats "
+        f"({result['cpus']} CPUs, load {result['load_avg_1m']})"
+    )
     print(f"plain copy+fsync : {result['copy_mb_s']:8.1f} MB/s")
     print(
         f"publish          : {result['publish_mb_s']:8.1f} MB/s "
