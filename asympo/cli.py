@@ -6,6 +6,7 @@ top of ``ASYMPO_*`` environment variables; see ``asympo config show``.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from pathlib import Path
 from typing import Annotated
@@ -192,6 +193,59 @@ def init_model(
     how = "reused cached model" if result.reused else f"built in {result.seconds:.0f}s"
     print(f"held-out greedy accuracy: {result.accuracy:.1%} ({how})")
     print(f"saved: {result.path}")
+
+
+experiment_app = typer.Typer(help="Offline experiments (learner step).", no_args_is_help=True)
+app.add_typer(experiment_app, name="experiment")
+
+
+@experiment_app.command("staleness")
+def experiment_staleness(
+    quick: Annotated[bool, typer.Option(help="Small grid for CI (2 losses x 2 k).")] = False,
+    losses: Annotated[str | None, typer.Option(help="Comma-separated losses.")] = None,
+    staleness: Annotated[str | None, typer.Option(help="Comma-separated k values.")] = None,
+    seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Learner steps per run.")] = None,
+    groups: Annotated[int | None, typer.Option(help="Prompts per step.")] = None,
+    samples: Annotated[int | None, typer.Option(help="Samples per prompt (G).")] = None,
+    lr: Annotated[float | None, typer.Option(help="AdamW learning rate.")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N steps.")] = None,
+    eval_size: Annotated[int | None, typer.Option(help="Held-out problems evaluated.")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Report directory.")] = None,
+    work_dir: Annotated[Path | None, typer.Option(help="Finished runs (resume) live here.")] = None,
+    resume: Annotated[bool, typer.Option(help="Skip runs already in work-dir.")] = True,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Losses x forced staleness x seeds on the tiny task: table, JSON and plots (issue 10)."""
+    from asympo.experiments.staleness_cli import build_config, parse_ints, parse_names
+    from asympo.experiments.staleness_cli import run_experiment as run_staleness
+
+    settings = settings_from_cli(config, overrides)
+    try:
+        cfg = build_config(
+            quick,
+            losses=parse_names(losses) if losses else None,
+            staleness=parse_ints(staleness, "--staleness") if staleness else None,
+            seeds=parse_ints(seeds, "--seeds") if seeds else None,
+            steps=steps,
+            groups_per_step=groups,
+            samples_per_group=samples,
+            lr=lr,
+            eval_every=eval_every,
+            eval_size=eval_size,
+            threads=threads,
+        )
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
+    name = "staleness-quick" if quick else "staleness"
+    out_dir = out or (Path("runs") / name if quick else Path("docs/results"))
+    work = work_dir or Path("runs") / name
+    log = functools.partial(typer.echo, err=True)
+    paths = run_staleness(cfg, resolve_model(settings), out_dir, work, resume, log)
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
 
 
 def main() -> None:

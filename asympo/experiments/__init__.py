@@ -1,0 +1,1 @@
+"""Offline experiments that drive the learner's own step (``asympo experiment ...``)."""
