@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -148,6 +150,8 @@ class Learner:
         self.published_version = -1
         self.trained_group_log: list[str] = []  # group ids trained by this process, in order
         self._last_touch = 0.0
+        self.last_record: dict[str, Any] = {}
+        self._checkpoint_requests: queue.SimpleQueue[Future[str]] = queue.SimpleQueue()
         self._resume()
 
     # -- resume -------------------------------------------------------------------------
@@ -308,6 +312,7 @@ class Learner:
         self.counters["samples"] += n_samples
         record = self._record(stats, stalenesses, correct / max(n_samples, 1), n_samples / seconds)
         self._export(record, stalenesses, len(batch), n_samples)
+        self.last_record = record
         if self.version % self.lc.publish_every == 0 and self.publisher is not None:
             self.publish()
         if self.version % self.lc.checkpoint_every == 0:
@@ -388,6 +393,27 @@ class Learner:
             self.unacked = []
         return str(path)
 
+    def request_checkpoint(self) -> Future[str]:
+        """Ask for a checkpoint from another thread; the training loop writes it between steps.
+
+        The future resolves to the checkpoint's directory.
+        """
+        future: Future[str] = Future()
+        self._checkpoint_requests.put(future)
+        return future
+
+    def serve_requests(self) -> None:
+        """Write the checkpoints other threads asked for (call between steps)."""
+        while True:
+            try:
+                future = self._checkpoint_requests.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                future.set_result(self.checkpoint())
+            except Exception as exc:  # the requester gets the failure; training goes on
+                future.set_exception(exc)
+
     def stop_followers(self) -> None:
         """Tell the other ranks (if any) that training is over."""
         if self.dist is not None and self.dist.active:
@@ -399,6 +425,7 @@ class Learner:
         while not self.stop_event.is_set() and (max_steps == 0 or self.version < max_steps):
             if self.step(timeout_s=1.0) is not None:
                 steps += 1
+            self.serve_requests()
         return steps
 
 

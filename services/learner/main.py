@@ -4,8 +4,10 @@ Loads the policy (``model.path``, else the tiny default of ``asympo init-model``
 resumes from the newest checkpoint in ``learner.checkpoint_dir`` if there is one,
 publishes version 0 (then every ``publish_every`` steps) to the weights service with
 the probe log-probs, writes one line per step to ``<run_dir>/metrics.jsonl`` and serves
-``/healthz`` ``/readyz`` ``/metrics`` on ``learner.http_port``. On stop it checkpoints
-and saves the final model in Hugging Face format to ``<run_dir>/final``.
+``/healthz`` ``/readyz`` ``/metrics`` on ``learner.http_port`` and the gRPC ``Learner``
+API (``Status``; ``Checkpoint`` with the service token) on ``learner.grpc_port``.
+On stop it checkpoints and saves the final model in Hugging Face format to
+``<run_dir>/final``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from asympo.weights_client import PublishRejected, WeightsClient, WeightsClientE
 from services.learner import metrics
 from services.learner.distributed import init_distributed, wrap_ddp
 from services.learner.learner import Learner, Publisher, follow
+from services.learner.server import start_grpc
 
 log = logging.getLogger("asympo.learner")
 
@@ -156,6 +159,7 @@ def _run(settings: Settings) -> None:
         lc.host,
         lc.http_port,
     ).start()
+    grpc_server = start_grpc(settings, learner)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("learner stopping (%s)", signal.Signals(signum).name)
@@ -180,6 +184,7 @@ def _run(settings: Settings) -> None:
             lc.max_steps == 0 or learner.version < lc.max_steps
         ):
             record = learner.step(timeout_s=1.0)
+            learner.serve_requests()
             if record is None:
                 continue
             if lc.eval_every and learner.version % lc.eval_every == 0:
@@ -202,6 +207,7 @@ def _run(settings: Settings) -> None:
         tokenizer.save_pretrained(str(final))
         log.info("learner stopped at version %d; final model in %s", learner.version, final)
     finally:
+        grpc_server.stop(grace=1.0)
         http.stop()
         client.close()
         writer.close()

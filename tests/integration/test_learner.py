@@ -8,18 +8,23 @@ itself as a fast rollout that uses the oldest weights each prompt allows.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any, cast
 
+import grpc
 import pytest
 import redis
 import torch
+from pydantic import SecretStr
 
 from asympo.config import LearnerSettings, SamplingSettings, Settings, StreamSettings, TaskSettings
+from asympo.serving import bearer_metadata
 from asympo.streams import Consumer, Producer, decode
 from asympo.tasks import load_task
-from asympo.v1 import records_pb2
+from asympo.v1 import learner_pb2, learner_pb2_grpc, records_pb2
 from services.learner.learner import CONSUMER_GROUP, Learner
+from services.learner.server import start_grpc
 from tests.unit.test_learner_step import VOCAB, tiny_model
 
 
@@ -245,3 +250,44 @@ def test_stale_groups_are_dropped_and_counted(
     assert learner.counters["groups_dropped_stale"] == 3  # versions 1, 2, 3
     assert record["staleness_max"] == 1
     assert pending(redis_client, settings) == 0  # dropped ones are acked at the checkpoint
+
+
+def test_grpc_status_and_token_protected_checkpoint(
+    redis_client: redis.Redis, run_id: str, key_prefix: str, tmp_path: Path
+) -> None:
+    settings = settings_for(run_id, tmp_path / "ckpt", checkpoint_every=100)
+    settings = settings.model_copy(update={"service_token": SecretStr("svc-token")})
+    fill(redis_client, settings, run_id, 4)
+    learner = Learner(settings, redis_client, tiny_model())
+    assert learner.step(timeout_s=5) is not None
+    server = start_grpc(settings, learner, port=0)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = learner_pb2_grpc.LearnerStub(channel)
+            status = stub.Status(learner_pb2.StatusRequest(), timeout=10)
+            assert (status.version, status.groups_trained, status.loss) == (1, 2, "asympo")
+            assert status.last_loss == pytest.approx(learner.last_record["loss"])
+            with pytest.raises(grpc.RpcError) as denied:
+                stub.Checkpoint(learner_pb2.CheckpointRequest(), timeout=10)
+            assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert pending(redis_client, settings) == 2  # nothing checkpointed, nothing acked
+
+            replies: list[learner_pb2.CheckpointReply] = []
+            call = threading.Thread(
+                target=lambda: replies.append(
+                    stub.Checkpoint(
+                        learner_pb2.CheckpointRequest(),
+                        metadata=bearer_metadata("svc-token"),
+                        timeout=30,
+                    )
+                )
+            )
+            call.start()
+            while call.is_alive():  # the training loop's side: answer between steps
+                learner.serve_requests()
+                time.sleep(0.01)
+            assert replies and replies[0].version == 1
+            assert Path(replies[0].path, "state.json").is_file()
+            assert pending(redis_client, settings) == 0
+    finally:
+        server.stop(grace=0.5)

@@ -46,6 +46,7 @@ def learner_env(
             "ASYMPO_LEARNER__MAX_STALENESS": "50",
             "ASYMPO_LEARNER__CHECKPOINT_DIR": str(root / "ckpt"),
             "ASYMPO_LEARNER__HTTP_PORT": str(free_port()),
+            "ASYMPO_LEARNER__GRPC_PORT": str(free_port()),
             "ASYMPO_LEARNER__DEVICE": "cpu",
             "ASYMPO_LEARNER__LR": "0.01",
             "ASYMPO_SAMPLING__NUM_SAMPLES": "3",

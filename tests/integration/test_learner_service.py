@@ -60,6 +60,7 @@ def test_run_trains_publishes_with_probe_evaluates_and_saves(
         model={"path": str(small_model_dir(tmp_path / "model"))},  # type: ignore[arg-type]
         learner={  # type: ignore[arg-type]
             "http_port": free_port(),
+            "grpc_port": free_port(),
             "max_steps": 2,
             "eval_every": 2,
             "groups_per_step": 2,
