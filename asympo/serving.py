@@ -42,6 +42,7 @@ from typing import Any
 import grpc
 import uvicorn
 from fastapi import FastAPI, Response
+from fastapi.responses import PlainTextResponse
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -141,7 +142,8 @@ def make_http_app(
         """Liveness: the process answers."""
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    # Every status and content type a client can see is in the OpenAPI document.
+    @app.get("/readyz", responses={503: {"description": "Not ready"}})
     def readyz(response: Response) -> dict[str, str]:
         """Readiness: the service can do its job now (503 otherwise)."""
         try:
@@ -154,7 +156,7 @@ def make_http_app(
             return {"status": "not ready"}
         return {"status": "ready"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> Response:
         """Prometheus text exposition of the service's registry."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
