@@ -61,6 +61,7 @@ def settings_for(run_id: str, ckpt: Path, **learner: object) -> Settings:
         "checkpoint_dir": str(ckpt),
         "max_staleness": 100,
         "lr": 1e-2,
+        "warmup_steps": 3,  # so the scheduler's state matters on resume
     }
     base.update(learner)
     return Settings(
