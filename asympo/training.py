@@ -192,10 +192,13 @@ def _logprobs_and_entropy(
     logprobs = torch.cat([zero, picked], dim=1)
     entropy = None
     if with_entropy:
+        # One row at a time: a [B, L, V] float32 softmax is the largest tensor otherwise.
         with torch.no_grad():
-            probs = torch.softmax(logits, dim=-1)
-            ent = lse - (probs * logits).sum(dim=-1)
-            entropy = torch.cat([zero.detach(), ent], dim=1)
+            rows = []
+            for row_logits, row_lse in zip(logits.detach(), lse.detach(), strict=True):
+                probs = torch.softmax(row_logits, dim=-1)
+                rows.append(row_lse - (probs * row_logits).sum(dim=-1))
+            entropy = torch.cat([zero.detach(), torch.stack(rows)], dim=1)
     return logprobs, entropy
 
 

@@ -49,9 +49,13 @@ def fixed_groups() -> list[TrainGroup]:
 
 def reference_gradient_step(
     model: Qwen2ForCausalLM, groups: list[TrainGroup], lr: float, clip: float, loss: str
-) -> tuple[float, float]:
-    """ASymPO / REINFORCE seq-mean written out by hand, one unpadded sequence at a time."""
+) -> tuple[float, float, float]:
+    """ASymPO / REINFORCE seq-mean written out by hand, one unpadded sequence at a time.
+
+    Returns the loss, the gradient norm before clipping and the mean completion-token entropy.
+    """
     terms = []
+    entropies = []
     for g in groups:
         r = torch.tensor(g.rewards)
         std = r.std(correction=0)
@@ -62,6 +66,8 @@ def reference_gradient_step(
             logp = torch.log_softmax(logits, dim=-1)
             targets = ids[0, 1:]
             lp = logp[torch.arange(len(targets)), targets][len(g.prompt_tokens) - 1 :]
+            completion_logp = logp[len(g.prompt_tokens) - 1 :].detach()
+            entropies.append(-(completion_logp.exp() * completion_logp).sum(dim=-1))
             m = -lp.mean()
             if loss == "asympo":
                 terms.append(a * m / m.detach().clamp(min=1e-4))
@@ -77,7 +83,7 @@ def reference_gradient_step(
         for p in model.parameters():
             if p.grad is not None:
                 p.sub_(lr * scale * p.grad)
-    return float(total.detach()), float(norm)
+    return float(total.detach()), float(norm), float(torch.cat(entropies).mean())
 
 
 @pytest.mark.parametrize("loss", ["asympo", "reinforce"])
@@ -91,7 +97,7 @@ def test_step_matches_the_independent_reference(loss: str, micro_batch: int) -> 
     stats = train_step(
         model, opt, groups, StepConfig(loss=loss, micro_batch=micro_batch, grad_clip=clip)
     )
-    ref_loss, ref_norm = reference_gradient_step(ref, groups, lr, clip, loss)
+    ref_loss, ref_norm, ref_entropy = reference_gradient_step(ref, groups, lr, clip, loss)
 
     assert stats["loss"] == pytest.approx(ref_loss, abs=1e-6)
     assert stats["grad_norm"] == pytest.approx(ref_norm, rel=1e-4)
@@ -102,7 +108,7 @@ def test_step_matches_the_independent_reference(loss: str, micro_batch: int) -> 
     assert stats["groups"] == 3.0 and stats["samples"] == 9.0
     assert stats["tokens"] == 33.0
     assert stats["reward_mean"] == pytest.approx(5.5 / 9)
-    assert stats["entropy"] > 0
+    assert stats["entropy"] == pytest.approx(ref_entropy, rel=1e-5)
     if loss == "asympo":
         assert abs(stats["loss_balance"]) < 1e-5
         assert stats["loss_positive"] > 0.5
