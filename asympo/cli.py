@@ -215,11 +215,13 @@ def experiment_staleness(
     out: Annotated[Path | None, typer.Option(help="Report directory.")] = None,
     work_dir: Annotated[Path | None, typer.Option(help="Finished runs (resume) live here.")] = None,
     resume: Annotated[bool, typer.Option(help="Skip runs already in work-dir.")] = True,
+    shard: Annotated[str, typer.Option(help="Run cells i, i+n, ... of the grid: i/n.")] = "0/1",
+    report_only: Annotated[bool, typer.Option(help="Report finished runs; run none.")] = False,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
 ) -> None:
     """Losses x forced staleness x seeds on the tiny task: table, JSON and plots (issue 10)."""
-    from asympo.experiments.staleness_cli import build_config, parse_ints, parse_names
+    from asympo.experiments.staleness_cli import build_config, parse_ints, parse_names, parse_shard
     from asympo.experiments.staleness_cli import run_experiment as run_staleness
 
     settings = settings_from_cli(config, overrides)
@@ -237,13 +239,16 @@ def experiment_staleness(
             eval_size=eval_size,
             threads=threads,
         )
+        shard_of = parse_shard(shard)
     except ValueError as exc:
         raise fail(str(exc)) from exc
     name = "staleness-quick" if quick else "staleness"
     out_dir = out or (Path("runs") / name if quick else Path("docs/results"))
     work = work_dir or Path("runs") / name
     log = functools.partial(typer.echo, err=True)
-    paths = run_staleness(cfg, resolve_model(settings), out_dir, work, resume, log)
+    paths = run_staleness(
+        cfg, resolve_model(settings), out_dir, work, resume, shard_of, report_only, log
+    )
     for kind, path in paths.items():
         print(f"{kind}: {path}")
 

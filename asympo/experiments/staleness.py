@@ -166,6 +166,24 @@ def cut_completion(tokens: Iterable[int], stop_ids: set[int]) -> list[int]:
     return out
 
 
+def sampling_kwargs(tokenizer: Any, max_tokens: int) -> dict[str, Any]:
+    """``generate`` options sampling from the model's own softmax at temperature 1.
+
+    No top-k/top-p warping (transformers defaults to top_k=50), so the sampling policy
+    is exactly the snapshot's distribution and its token log-probs are the behaviour
+    log-probs.
+    """
+    return {
+        "do_sample": True,
+        "temperature": 1.0,
+        "top_k": 0,
+        "top_p": 1.0,
+        "max_new_tokens": max_tokens,
+        "pad_token_id": int(tokenizer.pad_token_id),
+        "eos_token_id": int(tokenizer.eos_token_id),
+    }
+
+
 @torch.no_grad()
 def sample_completions(
     model: torch.nn.Module,
@@ -190,15 +208,7 @@ def sample_completions(
     torch.manual_seed(seed)
     try:
         out = model.generate(  # type: ignore[operator]
-            input_ids=input_ids,
-            attention_mask=attention,
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,  # the whole softmax: the behaviour policy is exactly pi_snapshot
-            top_p=1.0,
-            max_new_tokens=max_tokens,
-            pad_token_id=pad,
-            eos_token_id=int(tokenizer.eos_token_id),
+            input_ids=input_ids, attention_mask=attention, **sampling_kwargs(tokenizer, max_tokens)
         )
     finally:
         model.train(was_training)
@@ -370,21 +380,34 @@ def run_one(
     )
 
 
-def load_runs(path: Path, budget_key: str) -> dict[tuple[str, int, int], RunResult]:
-    """Finished runs recorded in ``path`` with this budget, keyed by (loss, staleness, seed)."""
+def load_runs(work_dir: Path, budget_key: str) -> dict[tuple[str, int, int], RunResult]:
+    """Finished runs in ``work_dir/runs*.jsonl`` with this budget, keyed by (loss, k, seed)."""
     runs: dict[tuple[str, int, int], RunResult] = {}
-    if not path.is_file():
-        return runs
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            run = RunResult.from_json(json.loads(line))
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut short by an interrupted write
-        if run.budget_key == budget_key:
-            runs[(run.loss, run.staleness, run.seed)] = run
+    for path in sorted(work_dir.glob("runs*.jsonl")):
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                run = RunResult.from_json(json.loads(line))
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by an interrupted write
+            if run.budget_key == budget_key:
+                runs[(run.loss, run.staleness, run.seed)] = run
     return runs
+
+
+def grid_cells(cfg: StalenessConfig) -> list[tuple[str, int, int]]:
+    """Every (loss, staleness, seed) of the grid, in run order."""
+    return [(loss, k, s) for k in cfg.staleness for loss in cfg.losses for s in cfg.seeds]
+
+
+@dataclass(frozen=True)
+class GridOutcome:
+    """The grid's finished runs (grid order), the warm start's accuracy, and completeness."""
+
+    runs: list[RunResult]
+    warm_accuracy: float
+    missing: list[tuple[str, int, int]]
 
 
 def run_grid(
@@ -393,41 +416,51 @@ def run_grid(
     work_dir: Path,
     stop: Sequence[str] = ("\n",),
     resume: bool = True,
+    shard: tuple[int, int] = (0, 1),
+    max_new_runs: int | None = None,
     log: Log = print,
-) -> tuple[list[RunResult], float]:
-    """Run every (loss, staleness, seed) cell not yet in ``work_dir/runs.jsonl``.
+) -> GridOutcome:
+    """Run this shard's cells not yet finished in ``work_dir`` (``runs*.jsonl``).
 
-    Returns the runs in grid order and the warm start's held-out accuracy.
+    ``shard = (i, n)``: this process runs cells ``i, i+n, i+2n, ...`` and appends them to
+    its own file, so ``n`` processes can share one work directory. ``resume=False``
+    discards this shard's earlier runs. ``max_new_runs=0`` only collects finished runs.
     """
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
     torch.set_num_threads(cfg.threads)
     task = load_task(cfg.task, seed=cfg.task_seed, eval_size=cfg.eval_size)
     scorer = Scorer(task.verifier)
     work_dir.mkdir(parents=True, exist_ok=True)
-    runs_file = work_dir / "runs.jsonl"
-    done = load_runs(runs_file, cfg.budget_key()) if resume else {}
+    runs_file = work_dir / ("runs.jsonl" if count == 1 else f"runs-shard{index}of{count}.jsonl")
     if not resume and runs_file.exists():
         runs_file.unlink()
+    done = load_runs(work_dir, cfg.budget_key()) if resume else {}
     warm = greedy_accuracy(
         policy.model, policy.tokenizer, task, task.test[: cfg.eval_size], scorer,
         cfg.max_tokens, stop,
     )  # fmt: skip
+    cells = grid_cells(cfg)
+    mine = [c for i, c in enumerate(cells) if i % count == index and c not in done]
+    if max_new_runs is not None:
+        mine = mine[:max_new_runs]
     log(
         f"warm start: held-out greedy accuracy {warm:.3f} on {cfg.eval_size} problems; "
-        f"{cfg.samples_per_run()} samples per run; {len(done)} runs already done"
+        f"{cfg.samples_per_run()} samples per run; {len(done)}/{len(cells)} runs already done, "
+        f"{len(mine)} to run in shard {index}/{count}"
     )
-    results = []
-    cells = [(loss, k, s) for k in cfg.staleness for loss in cfg.losses for s in cfg.seeds]
-    for index, (loss, k, seed) in enumerate(cells, start=1):
-        if (loss, k, seed) in done:
-            results.append(done[(loss, k, seed)])
-            continue
-        log(f"[{index}/{len(cells)}] loss={loss} staleness={k} seed={seed}")
+    for n, (loss, k, seed) in enumerate(mine, start=1):
+        log(f"[{n}/{len(mine)}] loss={loss} staleness={k} seed={seed}")
         run = run_one(policy, task, scorer, cfg, loss, k, seed, warm, stop, log)
         with runs_file.open("a") as f:
             f.write(json.dumps(run.to_json()) + "\n")
-        log(
-            f"[{index}/{len(cells)}] done in {run.seconds:.1f}s: "
-            f"final acc {run.accuracy[-1][1]:.3f}"
-        )
-        results.append(run)
-    return results, warm
+        log(f"[{n}/{len(mine)}] done in {run.seconds:.1f}s: final acc {run.accuracy[-1][1]:.3f}")
+        done[(loss, k, seed)] = run
+    if resume:  # other shards may have finished cells meanwhile
+        done = {**load_runs(work_dir, cfg.budget_key()), **done}
+    return GridOutcome(
+        runs=[done[c] for c in cells if c in done],
+        warm_accuracy=warm,
+        missing=[c for c in cells if c not in done],
+    )

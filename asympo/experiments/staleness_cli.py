@@ -56,11 +56,44 @@ def run_experiment(
     out_dir: Path,
     work_dir: Path,
     resume: bool = True,
+    shard: tuple[int, int] = (0, 1),
+    report_only: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Path]:
-    """Run every cell (resuming from ``work_dir``) and write the report into ``out_dir``."""
+    """Run this shard's cells (resuming from ``work_dir``) and report into ``out_dir``.
+
+    The report is written when every cell has finished, or with ``report_only`` (no new
+    runs; whatever has finished is reported, the missing cells are named). Returns the
+    written paths (empty when the grid is still incomplete).
+    """
     from asympo.model import load_causal_lm, load_tokenizer
 
     policy = Policy(load_causal_lm(model_path), load_tokenizer(model_path), model_path)
-    runs, warm = run_grid(policy, cfg, work_dir, resume=resume, log=log)
-    return write_report(cfg, runs, warm, out_dir, model_path, command_line(cfg, out_dir, work_dir))
+    outcome = run_grid(
+        policy, cfg, work_dir, resume=resume or report_only, shard=shard,
+        max_new_runs=0 if report_only else None, log=log,
+    )  # fmt: skip
+    if outcome.missing and not report_only:
+        log(f"{len(outcome.missing)} cells still missing (other shards?): no report yet")
+        return {}
+    if not outcome.runs:
+        log("no finished runs to report")
+        return {}
+    if outcome.missing:
+        log(f"partial report: missing {outcome.missing}")
+    return write_report(
+        cfg, outcome.runs, outcome.warm_accuracy, out_dir, model_path,
+        command_line(cfg, out_dir, work_dir), missing=outcome.missing,
+    )  # fmt: skip
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"1/2"`` -> ``(1, 2)``; ValueError otherwise."""
+    head, sep, tail = text.partition("/")
+    try:
+        index, count = int(head), int(tail)
+    except ValueError as exc:
+        raise ValueError(f"--shard must look like i/n (e.g. 0/2), got {text!r}") from exc
+    if not sep or not 0 <= index < count:
+        raise ValueError(f"--shard must be i/n with 0 <= i < n, got {text!r}")
+    return index, count

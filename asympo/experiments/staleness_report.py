@@ -236,6 +236,16 @@ def results_json(
     )
 
 
+def _missing_note(missing: Sequence[tuple[str, int, int]]) -> str:
+    if not missing:
+        return ""
+    names = ", ".join(f"{loss}/k={k}/seed={seed}" for loss, k, seed in missing)
+    return (
+        f"\n**Incomplete grid**: {len(missing)} runs did not finish and are not in the "
+        f"table: {names}.\n"
+    )
+
+
 def _existing_discussion(path: Path) -> str:
     if not path.is_file():
         return ""
@@ -252,6 +262,7 @@ def write_report(
     model_path: str,
     command: str,
     stem: str = "staleness",
+    missing: Sequence[tuple[str, int, int]] = (),
 ) -> dict[str, Path]:
     """Write ``<stem>.md``, ``<stem>_results.json`` and the two ``<stem>_*.png`` plots.
 
@@ -296,7 +307,7 @@ Reproduce:
 ```
 
 ## Results
-
+{_missing_note(missing)}
 {markdown_table(cells, warm_accuracy)}
 *collapsed*: seeds whose final accuracy is below the warm start's. *balance*: the
 learner's `loss_balance` = Σ_(A>0) L_i + Σ_(A<0) L_i per step (per-response losses,
