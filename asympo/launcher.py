@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from pydantic import SecretStr
+
 from asympo.config import Settings, dump_settings
 from asympo.run_log import METRICS_FILE, read_metrics
 
@@ -230,10 +232,10 @@ def with_run_defaults(settings: Settings) -> Settings:
     updates: dict[str, Any] = {}
     if not settings.weights.publish_token.get_secret_value():
         updates["weights"] = settings.weights.model_copy(
-            update={"publish_token": secrets.token_urlsafe(24)}
+            update={"publish_token": SecretStr(secrets.token_urlsafe(24))}
         )
     if not settings.service_token.get_secret_value():
-        updates["service_token"] = secrets.token_urlsafe(24)
+        updates["service_token"] = SecretStr(secrets.token_urlsafe(24))
     if settings.weights.store_dir == Settings().weights.store_dir:
         w = updates.get("weights", settings.weights)
         updates["weights"] = w.model_copy(update={"store_dir": str(run_dir / "weights")})
