@@ -1,0 +1,149 @@
+"""The transformers backend: a fallback engine where vLLM is not installed.
+
+Plain autoregressive decoding with a KV cache, one prompt at a time, sampling with
+temperature and nucleus (top-p) filtering; stop strings are checked on the decoded
+text after every token. Slow next to vLLM but exact and dependency-free. A lock makes
+it thread-safe: generation and weight loads never interleave inside one call.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from asympo.engines.base import (
+    Completion,
+    EngineError,
+    GenerationRequest,
+    WeightSource,
+    safetensors_files,
+    validate_request,
+)
+from asympo.model.loading import load_causal_lm, load_tokenizer
+
+
+def sample_token(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> int:
+    """One token id from ``logits`` ``[V]``: argmax at temperature 0, else nucleus sampling."""
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p
+        filtered = torch.zeros_like(probs)
+        filtered[order[keep]] = sorted_probs[keep]
+        probs = filtered / filtered.sum()
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """``text`` before the earliest stop string, and whether one was found."""
+    hits = [i for i in (text.find(s) for s in stop if s) if i != -1]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+class HFEngine:
+    """A transformers causal LM behind the ``Engine`` interface."""
+
+    name = "transformers"
+
+    def __init__(self, model: str, dtype: str = "float32", device: str = "cpu") -> None:
+        """Load ``model`` (local directory or HF id) on ``device``."""
+        self.model: Any = load_causal_lm(model, dtype, device)
+        self.tokenizer: Any = load_tokenizer(model)
+        self.device = torch.device(device)
+        self.max_model_len = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self._lock = threading.Lock()
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no special tokens added)."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        """Text of ``tokens`` with special tokens skipped."""
+        return str(self.tokenizer.decode(list(tokens), skip_special_tokens=True))
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
+        """For each request, its ``n`` completions, generated one after another."""
+        for request in requests:
+            validate_request(request, self.max_model_len)
+        with self._lock:
+            return [self._generate_one(r) for r in requests]
+
+    @torch.no_grad()
+    def _generate_one(self, request: GenerationRequest) -> list[Completion]:
+        generator = None
+        if request.seed is not None:
+            generator = torch.Generator().manual_seed(request.seed)
+        room = self.max_model_len - len(request.prompt_tokens)
+        return [
+            self._sample(request, min(request.max_tokens, room), generator)
+            for _ in range(request.n)
+        ]
+
+    def _sample(
+        self, request: GenerationRequest, max_tokens: int, generator: torch.Generator | None
+    ) -> Completion:
+        eos = self.tokenizer.eos_token_id
+        ids = torch.tensor([request.prompt_tokens], device=self.device)
+        out = self.model(input_ids=ids, use_cache=True)
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        text, reason = "", "length"
+        for _ in range(max_tokens):
+            logits = out.logits[0, -1].float().cpu()
+            token = sample_token(logits, request.temperature, request.top_p, generator)
+            tokens.append(token)
+            logprobs.append(float(torch.log_softmax(logits, dim=-1)[token]))
+            text, stopped = cut_at_stop(self.decode(tokens), request.stop)
+            if token == eos or stopped:
+                reason = "stop"
+                break
+            step = torch.tensor([[token]], device=self.device)
+            out = self.model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
+        return Completion(tokens, text, reason, logprobs if request.logprobs else None)
+
+    def load_weights(self, source: WeightSource) -> None:
+        """Copy weights from a safetensors directory or a state dict (HF names) in place."""
+        if isinstance(source, Mapping):
+            state = dict(source)
+        else:
+            state = {}
+            for file in safetensors_files(Path(source)):
+                state.update(load_file(str(file)))
+        with self._lock:
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+            # A tied lm_head is legitimately absent from checkpoints.
+            missing = [m for m in missing if not self._is_tied(m)]
+            if missing or unexpected:
+                raise EngineError(
+                    f"weights do not fit the model: missing {missing[:5]}, "
+                    f"unexpected {unexpected[:5]}"
+                )
+
+    def _is_tied(self, name: str) -> bool:
+        return name == "lm_head.weight" and bool(
+            getattr(self.model.config, "tie_word_embeddings", False)
+        )
+
+    @torch.no_grad()
+    def probe_logprobs(self, tokens: Sequence[int]) -> list[float]:
+        """``log p(tokens[i+1] | tokens[:i+1])`` under the loaded weights."""
+        if len(tokens) < 2:
+            raise EngineError("a probe needs at least 2 tokens")
+        with self._lock:
+            ids = torch.tensor([list(tokens)], device=self.device)
+            logp = torch.log_softmax(self.model(input_ids=ids).logits[0].float(), dim=-1)
+        targets = torch.tensor(list(tokens[1:]), device=logp.device)
+        return logp[:-1].gather(-1, targets[:, None])[:, 0].cpu().tolist()
+
+    def close(self) -> None:
+        """Nothing to release beyond memory."""
