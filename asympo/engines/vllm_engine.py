@@ -143,11 +143,14 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        # vLLM refuses n > 1 at temperature 0; greedy samples are identical, so one is
+        # generated and repeated.
+        greedy_copies = request.n if request.temperature == 0 and request.n > 1 else 1
         params = SamplingParams(
             # One final output holding all n samples (the cumulative stream of an n > 1
             # request reports only the samples that changed in each step).
             output_kind=RequestOutputKind.FINAL_ONLY,
-            n=request.n,
+            n=request.n // greedy_copies,
             temperature=request.temperature,
             top_p=request.top_p,
             max_tokens=request.max_tokens,
@@ -174,7 +177,7 @@ class VLLMEngine:
                 logprobs = [float(step[tok].logprob) for step, tok in steps]
             reason = "length" if sample.finish_reason == "length" else "stop"
             completions.append(Completion(tokens, sample.text, reason, logprobs))
-        return completions
+        return completions * greedy_copies
 
     # -- weights ----------------------------------------------------------------------
 

@@ -1,0 +1,101 @@
+"""Follow the weights stream and swap each newer version into the engine.
+
+Every replica reads the whole weights stream (plain XREAD, no consumer group: each
+announcement is for everyone). A version is fetched and sha-verified by the weights
+client, then offered to the swapper, which proves it with the probe or refuses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import redis
+
+from asympo.streams import DecodeFailure, decode
+from asympo.v1 import records_pb2
+from asympo.weights_client import WeightsClient, WeightsClientError, prune_local
+from services.rollout import metrics
+from services.rollout.swap import SwapOutcome, WeightSwapper
+
+log = logging.getLogger(__name__)
+
+
+class VersionFollower:
+    """Applies the newest announced version; runs on its own thread."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        stream_key: str,
+        weights: WeightsClient,
+        swapper: WeightSwapper,
+        work_dir: Path,
+        tolerance: float,
+    ) -> None:
+        self.redis = client
+        self.stream_key = stream_key
+        self.weights = weights
+        self.swapper = swapper
+        self.work_dir = work_dir
+        self.tolerance = tolerance
+        self.refused: set[int] = set()
+        self.stop_event = threading.Event()
+        self.outcomes: list[SwapOutcome] = []
+
+    def apply(self, version: int) -> SwapOutcome | None:
+        """Fetch, verify and offer ``version``; None when it is not newer or was refused."""
+        if version <= self.swapper.version or version in self.refused:
+            return None
+        start = time.monotonic()
+        try:
+            result = self.weights.fetch_into(version, self.work_dir)
+        except WeightsClientError as exc:
+            log.error("cannot fetch version %d: %s", version, exc)
+            return None
+        outcome = self.swapper.offer(result.manifest, result.path, self.tolerance)
+        seconds = time.monotonic() - start
+        if outcome.accepted:
+            metrics.SWAP_SECONDS.observe(seconds)
+            prune_local(self.work_dir, keep={outcome.version})
+        else:
+            self.refused.add(version)
+        self.outcomes.append(outcome)
+        return outcome
+
+    def catch_up(self) -> None:
+        """Apply the latest published version, if any and newer."""
+        try:
+            latest = self.weights.latest()
+        except WeightsClientError as exc:
+            log.warning("weights service not answering Latest: %s", exc)
+            return
+        if latest is not None:
+            self.apply(latest.version)
+
+    def run(self) -> None:
+        """Until stopped: block on the weights stream, apply each newer announcement."""
+        last_id = "0-0"
+        self.catch_up()
+        while not self.stop_event.is_set():
+            try:
+                reply = self.redis.xread({self.stream_key: last_id}, count=64, block=1000)
+            except redis.RedisError as exc:
+                log.warning("weights stream read failed: %s", exc)
+                time.sleep(1.0)
+                continue
+            newest = -1
+            for _key, entries in cast(list[Any], reply or []):
+                for entry_id, fields in entries:
+                    last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                    try:
+                        ann = decode(dict(fields), records_pb2.VersionAnnouncement)
+                    except DecodeFailure as exc:
+                        log.error("undecodable weights announcement %s: %s", last_id, exc)
+                        continue
+                    newest = max(newest, ann.version)
+            if newest > self.swapper.version:
+                self.apply(newest)
