@@ -119,15 +119,18 @@ class HFEngine:
             state = {}
             for file in safetensors_files(Path(source)):
                 state.update(load_file(str(file)))
+        # Check everything before copying anything: a refused load leaves the old weights.
+        current = self.model.state_dict()
+        missing = [k for k in current if k not in state and not self._is_tied(k)]
+        unexpected = [k for k in state if k not in current]
+        wrong = [k for k in state if k in current and state[k].shape != current[k].shape]
+        if missing or unexpected or wrong:
+            raise EngineError(
+                f"weights do not fit the model: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}"
+            )
         with self._lock:
-            missing, unexpected = self.model.load_state_dict(state, strict=False)
-            # A tied lm_head is legitimately absent from checkpoints.
-            missing = [m for m in missing if not self._is_tied(m)]
-            if missing or unexpected:
-                raise EngineError(
-                    f"weights do not fit the model: missing {missing[:5]}, "
-                    f"unexpected {unexpected[:5]}"
-                )
+            self.model.load_state_dict(state, strict=False)
 
     def _is_tied(self, name: str) -> bool:
         return name == "lm_head.weight" and bool(

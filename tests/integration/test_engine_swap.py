@@ -23,6 +23,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from asympo.config import load_settings
 from asympo.engines import Completion, EngineError, GenerationRequest
 from asympo.model.tiny import build_and_warm_start, spec_from_settings
+from asympo.probe import probe_logprobs as learner_probe_logprobs
+from asympo.probe import probe_tokens
 
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm")
@@ -115,6 +117,10 @@ def assert_engine_matches(engine: Any, model: Any, tokenizer: Any) -> list[list[
         decoded.append(completion.tokens)
     probe = reqs[0].prompt_tokens + tokenizer.encode("85 and 17-3=14", add_special_tokens=False)
     assert engine.probe_logprobs(probe) == pytest.approx(reference_probe(model, probe), abs=TOL)
+    # The learner's probe (pseudo-random tokens, specials included) as the rollout checks it.
+    learner_probe = probe_tokens(model.config.vocab_size)
+    expected = learner_probe_logprobs(model, learner_probe)
+    assert engine.probe_logprobs(learner_probe) == pytest.approx(expected, abs=TOL)
     return decoded
 
 
