@@ -187,7 +187,8 @@ def _run(settings: Settings) -> None:
             learner.serve_requests()
             if record is None:
                 continue
-            if lc.eval_every and learner.version % lc.eval_every == 0:
+            last = lc.max_steps != 0 and learner.version >= lc.max_steps
+            if lc.eval_every and (learner.version % lc.eval_every == 0 or last):
                 acc = held_out_accuracy(settings, model, tokenizer, task)
                 writer.write({"step": learner.version, "version": learner.version, "accuracy": acc})
             log.info(
