@@ -42,6 +42,7 @@ ONCE_TTL_S = 7 * 24 * 3600.0
 REASON_VERIFIER_FAILED = "verifier_failed"
 REASON_NO_SAMPLES = "no_samples"
 REASON_NO_VERIFIER = "no_verifier"
+REASON_UNTRUSTED_VERIFIER = "untrusted_verifier"
 
 
 def default_consumer_name() -> str:
@@ -87,6 +88,9 @@ class RewardWorker:
         )
         self.once_prefix = streams.key("reward-done") + ":"
         self.fallback_verifier = settings.task.verifier
+        # A literal "module:function" imports code: only specs the operator configured are
+        # honoured, never one that merely arrived on the stream.
+        self.trusted_specs = {settings.task.verifier, *settings.reward.plugins.values()}
 
     def once_key(self, group: records_pb2.RolloutGroup) -> str:
         """The marker key that records ``group`` as scored (under the run's prefix)."""
@@ -117,6 +121,11 @@ class RewardWorker:
             if not verifier:
                 detail = f"{group.group_id}: prompt has no verifier and task {group.prompt.task!r}"
                 self.rollouts.dead_letter(delivery, REASON_NO_VERIFIER, detail + " has no default")
+                result.dead_lettered += 1
+                continue
+            if ":" in verifier and verifier not in self.trusted_specs:
+                detail = f"{group.group_id}: verifier {verifier!r} is not configured"
+                self.rollouts.dead_letter(delivery, REASON_UNTRUSTED_VERIFIER, detail)
                 result.dead_lettered += 1
                 continue
             runnable.append(delivery)
