@@ -311,6 +311,8 @@ class Learner:
         self.counters["groups_trained"] += len(batch)
         self.counters["samples"] += n_samples
         record = self._record(stats, stalenesses, correct / max(n_samples, 1), n_samples / seconds)
+        # The audit trail of exactly-once training: which groups this version was trained on.
+        record["group_ids"] = [h.group.group_id for h in batch]
         self._export(record, stalenesses, len(batch), n_samples)
         self.last_record = record
         if self.version % self.lc.publish_every == 0 and self.publisher is not None:
