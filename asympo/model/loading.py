@@ -39,6 +39,7 @@ def resolve_model_path(settings: Settings, build_if_missing: bool = True) -> str
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """The tokenizer of a local model directory or HF model id, with a pad token set."""
+    _check_local_path(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as exc:
@@ -50,6 +51,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
 def load_causal_lm(name_or_path: str, dtype: str = "float32", device: str = "cpu") -> Any:
     """A transformers causal LM in eval mode on ``device`` with weights in ``dtype``."""
+    _check_local_path(name_or_path)
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     try:
@@ -62,3 +64,10 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", device: str = "cpu
 def is_local_model(name_or_path: str) -> bool:
     """True when ``name_or_path`` is a directory holding a config.json."""
     return (Path(name_or_path) / "config.json").is_file()
+
+
+def _check_local_path(name_or_path: str) -> None:
+    """A clear error for a path-looking name that is not a model directory."""
+    looks_local = name_or_path.startswith(("/", "./", "../", "~")) or Path(name_or_path).exists()
+    if looks_local and not is_local_model(str(Path(name_or_path).expanduser())):
+        raise ModelLoadError(f"no model directory (with config.json) at {name_or_path}")

@@ -24,14 +24,16 @@ IGNORE = -100
 class SftSchedule:
     """How long and how hard the warm start trains."""
 
-    lr: float = 3e-3
+    # Measured on 2-digit +/- arith: lr 1e-3 reaches ~10% greedy in ~600 steps of 64,
+    # while 3e-3 and 6e-3 stall near 1-3% (loss ~1.5) over the same steps.
+    lr: float = 1e-3
     batch_size: int = 64
     max_seconds: float = 150.0
     max_steps: int = 5000
     target_accuracy: float = 0.2
-    eval_every: int = 50
-    eval_size: int = 100
-    max_new_tokens: int = 16
+    eval_every: int = 100
+    eval_size: int = 200
+    max_new_tokens: int = 0  # 0 = longest training completion with its EOS, plus one
     seed: int = 0
 
 
@@ -99,6 +101,9 @@ def supervised_warm_start(
     encoded = [encode_example(tokenizer, p, c) for p, c in train]
     prompts = [p for p, _ in held_out[: schedule.eval_size]]
     answers = [a for _, a in held_out[: schedule.eval_size]]
+    # Completion length in tokens, EOS included: the labels that are not masked.
+    longest = max(sum(1 for y in labels if y != IGNORE) for _, labels in encoded)
+    max_new = schedule.max_new_tokens or longest + 1
     optim = torch.optim.AdamW(model.parameters(), lr=schedule.lr, weight_decay=0.0)
     warmup = 20
     start = time.monotonic()
@@ -119,7 +124,7 @@ def supervised_warm_start(
         out_of_time = time.monotonic() - start > schedule.max_seconds
         if step % schedule.eval_every == 0 or out_of_time:
             accuracy = greedy_accuracy(
-                model, tokenizer, prompts, answers, verify, schedule.max_new_tokens, stop
+                model, tokenizer, prompts, answers, verify, max_new, stop
             )
             log(
                 f"warm start step {step}: loss {loss_value:.3f}, "
