@@ -39,7 +39,14 @@ def vllm_available() -> bool:
 
 
 def create_engine(settings: Settings, model: str, max_model_len: int | None = None) -> Engine:
-    """Start the configured engine on ``model`` (local directory or HF id)."""
+    """Start the configured engine on ``model`` (local directory or HF id).
+
+    An empty ``model`` means the configured one (``model.path``, else the tiny default).
+    """
+    if not model:
+        from asympo.model.loading import resolve_model_path
+
+        model = resolve_model_path(settings)
     backend = settings.rollout.engine
     if backend == "vllm" and not vllm_available():
         log.warning("vLLM is not installed: falling back to the transformers engine")

@@ -92,3 +92,13 @@ def test_sampling_helpers() -> None:
     assert cut_at_stop("12\n34", ["\n"]) == ("12", True)
     assert cut_at_stop("1234", ["\n", ""]) == ("1234", False)
     assert cut_at_stop("ab#c\nd", ["\n", "#"]) == ("ab", True)
+
+
+def test_create_engine_builds_the_configured_backend(model_dir: Path) -> None:
+    from asympo.config import load_settings
+    from asympo.engines import create_engine
+
+    settings = load_settings(None, ["rollout.engine=transformers", "learner.device=cpu"])
+    engine = create_engine(settings, str(model_dir))
+    assert isinstance(engine, HFEngine) and engine.name == "transformers"
+    assert engine.decode(engine.encode("7+8=15")) == "7+8=15"
