@@ -127,3 +127,41 @@ def test_warm_start_saves_a_loadable_hf_model_and_the_cache_is_reused(tmp_path: 
     assert again.reused and again.path == out and again.accuracy == result.accuracy
     # No temporary directory is left next to the cache entry.
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_warm_start_time_budget_extends_only_below_min_accuracy(tokenizer: object) -> None:
+    from asympo.model.warm_start import SftSchedule, supervised_warm_start
+
+    train = [(f"{a}+{b}=", str(a + b)) for a in range(10) for b in range(10)]
+    held_out = [(p, f"#### {c}") for p, c in train[:8]]
+
+    def verify(response: str, reference: str) -> float:
+        return float(response.strip() == reference.removeprefix("#### "))
+
+    def run(**kw: float) -> tuple[int, list[str]]:
+        model = build_tiny_model(
+            TinyArchitecture(
+                hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=128
+            ),
+            seed=0,
+        )
+        logs: list[str] = []
+        schedule = SftSchedule(batch_size=4, eval_every=1000, max_steps=10_000, **kw)  # type: ignore[arg-type]
+        result = supervised_warm_start(
+            model,
+            tokenizer,  # type: ignore[arg-type]
+            train,
+            held_out,
+            verify,
+            ["\n"],
+            schedule,
+            logs.append,
+        )
+        return result.steps, logs
+
+    # Budget spent and the minimum met (0%): stops at the first step past the budget.
+    steps, logs = run(max_seconds=0.0, min_accuracy=0.0)
+    assert steps == 1 and len(logs) == 1
+    # Minimum not met: trains on past the budget, up to the hard cap, and says so.
+    steps, logs = run(max_seconds=0.0, min_accuracy=1.0, hard_max_seconds=1.0)
+    assert steps > 1 and any("training on" in line for line in logs)
