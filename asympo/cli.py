@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -193,6 +194,69 @@ def init_model(
     how = "reused cached model" if result.reused else f"built in {result.seconds:.0f}s"
     print(f"held-out greedy accuracy: {result.accuracy:.1%} ({how})")
     print(f"saved: {result.path}")
+
+
+@app.command("eval")
+def eval_model(
+    model: Annotated[
+        str | None,
+        typer.Option(help="Model directory or HF id (default: model.path, else the tiny model)."),
+    ] = None,
+    task: Annotated[
+        str | None, typer.Option(help="Task name, e.g. arith, gsm8k (default: task.name).")
+    ] = None,
+    k: Annotated[int, typer.Option("--k", help="Samples per problem for pass@k (0 = skip).")] = 8,
+    n_problems: Annotated[int, typer.Option(help="Held-out problems evaluated.")] = 200,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature for pass@k.")] = 1.0,
+    engine: Annotated[
+        str | None, typer.Option(help="vllm or transformers (default: rollout.engine).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Greedy pass@1 and sampled pass@k of a model on a task's held-out split, via the engine.
+
+    Generation uses sampling.max_tokens and sampling.stop; completions are judged by the
+    task's verifier in worker processes under reward.time_limit_s.
+    """
+    import json
+
+    from rich.table import Table
+
+    from asympo.eval_cli import EvalError, run_eval
+
+    # stdout carries only the result (table or JSON); vLLM's own log goes to stderr.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    extra = [f"rollout.engine={engine}"] if engine else []
+    settings = settings_from_cli(config, [*(overrides or []), *extra])
+    try:
+        report = run_eval(
+            settings,
+            model or resolve_model(settings),
+            task or settings.task.name,
+            k,
+            n_problems,
+            temperature,
+            log=console.print,
+        )
+    except EvalError as exc:
+        raise fail(str(exc), code=1) from exc
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return
+    table = Table(title=f"{report.task} · {report.model}")
+    sampled = f"pass@{report.k} (T={report.temperature:g})" if report.k else "pass@k (skipped)"
+    for column in ("problems", "pass@1 (greedy)", sampled):
+        table.add_column(column, justify="right")
+    at_k = "—" if report.pass_at_k is None else f"{report.pass_at_k:.3f}"
+    table.add_row(str(report.n_problems), f"{report.pass_at_1:.3f}", at_k)
+    Console().print(table)
+    print(
+        f"engine {report.engine}, verifier {report.verifier}, max_tokens {report.max_tokens}, "
+        f"verifier timeouts {report.verifier_timeouts}, {report.seconds:.1f}s"
+    )
 
 
 experiment_app = typer.Typer(help="Offline experiments (learner step).", no_args_is_help=True)
