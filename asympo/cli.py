@@ -311,8 +311,9 @@ def experiment_staleness(
     work = work_dir or Path("runs") / name
     log = functools.partial(typer.echo, err=True)
     paths = run_staleness(
-        cfg, resolve_model(settings), out_dir, work, resume, shard_of, report_only, log
-    )
+        cfg, resolve_model(settings), out_dir, work, resume, shard_of, report_only, log,
+        overrides or [],
+    )  # fmt: skip
     for kind, path in paths.items():
         print(f"{kind}: {path}")
 

@@ -45,10 +45,10 @@ class StalenessConfig:
     losses: tuple[str, ...] = ("asympo", "spo", "reinforce", "grpo", "tis")
     staleness: tuple[int, ...] = (0, 1, 4, 8)
     seeds: tuple[int, ...] = (0, 1, 2)
-    steps: int = 60
+    steps: int = 80
     groups_per_step: int = 8
     samples_per_group: int = 8
-    lr: float = 1e-3
+    lr: float = 2e-3
     advantage: str = "grpo"
     micro_batch: int = 64
     grad_clip: float = 1.0
@@ -57,7 +57,7 @@ class StalenessConfig:
     eval_size: int = 200
     task: str = "arith"
     task_seed: int = 0
-    threads: int = 2
+    threads: int = 1
     loss_cfg: LossConfig = field(default_factory=LossConfig)
 
     def __post_init__(self) -> None:
@@ -74,11 +74,12 @@ class StalenessConfig:
         if self.samples_per_group < 2:
             raise ValueError("samples_per_group must be >= 2 (group-relative advantages)")
 
-    def budget_key(self) -> str:
-        """Hash of everything except the grid axes: runs with equal keys are comparable."""
-        fields = dataclasses.asdict(self)
+    def budget_key(self, model_path: str) -> str:
+        """Hash of the model and everything but the grid axes: equal keys = comparable runs."""
+        fields: dict[str, Any] = dataclasses.asdict(self)
         for axis in ("losses", "staleness", "seeds", "threads"):
             fields.pop(axis)
+        fields["model"] = str(Path(model_path).resolve()) if model_path else ""
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
     def samples_per_run(self) -> int:
@@ -91,8 +92,9 @@ QUICK = StalenessConfig(
     staleness=(0, 4),
     seeds=(0,),
     steps=8,
-    eval_every=4,
+    eval_every=8,
     eval_size=100,
+    threads=1,
 )
 
 
@@ -376,7 +378,13 @@ def run_one(
                 f"nll+ {stats['nll_positive']:.3f} nll- {stats['nll_negative']:.3f}"
             )
     return RunResult(
-        loss, staleness, seed, cfg.budget_key(), accuracy, records, time.monotonic() - start
+        loss,
+        staleness,
+        seed,
+        cfg.budget_key(policy.path),
+        accuracy,
+        records,
+        time.monotonic() - start,
     )
 
 
@@ -436,7 +444,8 @@ def run_grid(
     runs_file = work_dir / ("runs.jsonl" if count == 1 else f"runs-shard{index}of{count}.jsonl")
     if not resume and runs_file.exists():
         runs_file.unlink()
-    done = load_runs(work_dir, cfg.budget_key()) if resume else {}
+    key = cfg.budget_key(policy.path)
+    done = load_runs(work_dir, key) if resume else {}
     warm = greedy_accuracy(
         policy.model, policy.tokenizer, task, task.test[: cfg.eval_size], scorer,
         cfg.max_tokens, stop,
@@ -458,7 +467,7 @@ def run_grid(
         log(f"[{n}/{len(mine)}] done in {run.seconds:.1f}s: final acc {run.accuracy[-1][1]:.3f}")
         done[(loss, k, seed)] = run
     if resume:  # other shards may have finished cells meanwhile
-        done = {**load_runs(work_dir, cfg.budget_key()), **done}
+        done = {**load_runs(work_dir, key), **done}
     return GridOutcome(
         runs=[done[c] for c in cells if c in done],
         warm_accuracy=warm,

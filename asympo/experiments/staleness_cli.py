@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import shlex
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from asympo.experiments.staleness import QUICK, Policy, StalenessConfig, run_grid
@@ -30,7 +31,9 @@ def build_config(quick: bool, **overrides: object) -> StalenessConfig:
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
-def command_line(cfg: StalenessConfig, out_dir: Path, work_dir: Path) -> str:
+def command_line(
+    cfg: StalenessConfig, out_dir: Path, work_dir: Path, overrides: Sequence[str] = ()
+) -> str:
     """The explicit command that reproduces ``cfg`` (every grid and budget option spelled out)."""
     parts = [
         "asympo experiment staleness",
@@ -46,6 +49,7 @@ def command_line(cfg: StalenessConfig, out_dir: Path, work_dir: Path) -> str:
         f"--threads {cfg.threads}",
         f"--out {out_dir}",
         f"--work-dir {work_dir}",
+        *(f"--set {shlex.quote(o)}" for o in overrides),
     ]
     return " \\\n  ".join(parts)
 
@@ -59,6 +63,7 @@ def run_experiment(
     shard: tuple[int, int] = (0, 1),
     report_only: bool = False,
     log: Callable[[str], None] = print,
+    overrides: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Run this shard's cells (resuming from ``work_dir``) and report into ``out_dir``.
 
@@ -83,7 +88,7 @@ def run_experiment(
         log(f"partial report: missing {outcome.missing}")
     return write_report(
         cfg, outcome.runs, outcome.warm_accuracy, out_dir, model_path,
-        command_line(cfg, out_dir, work_dir), missing=outcome.missing,
+        command_line(cfg, out_dir, work_dir, overrides), missing=outcome.missing,
     )  # fmt: skip
 
 

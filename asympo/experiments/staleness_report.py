@@ -42,6 +42,7 @@ class CellSummary:
     nll_positive: float
     nll_negative: float
     reward_mean: float
+    signal_fraction: float
     final_entropy: float
 
 
@@ -75,6 +76,8 @@ def summarise_cell(runs: Sequence[RunResult], warm_accuracy: float) -> CellSumma
             [s["nll_negative"] for s in steps], [s["responses_negative"] for s in steps]
         ),
         reward_mean=statistics.fmean(s["reward_mean"] for s in steps),
+        signal_fraction=1.0
+        - sum(s["zero_adv_groups"] for s in steps) / max(sum(s["groups"] for s in steps), 1.0),
         final_entropy=statistics.fmean(r.steps[-1]["entropy"] for r in runs),
     )
 
@@ -107,8 +110,9 @@ def markdown_table(cells: Sequence[CellSummary], warm_accuracy: float) -> str:
     """The results table, one row per cell, grouped by staleness."""
     head = (
         "| staleness k | loss | final accuracy (mean ± std) | Δ vs warm start | collapsed "
-        "| mean \\|balance\\| | \\|balance\\| / scale | NLL⁺ | NLL⁻ | NLL⁻ / NLL⁺ |\n"
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| mean \\|balance\\| | \\|balance\\| / scale | NLL⁺ | NLL⁻ | NLL⁻ / NLL⁺ "
+        "| reward | groups with signal |\n"
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     rows = []
     for c in sorted(cells, key=lambda c: (c.staleness, _loss_order(c.loss))):
@@ -117,7 +121,8 @@ def markdown_table(cells: Sequence[CellSummary], warm_accuracy: float) -> str:
             f"| {c.staleness} | `{c.loss}` | {c.final_accuracy_mean:.3f} ± "
             f"{c.final_accuracy_std:.3f} | {c.final_accuracy_mean - warm_accuracy:+.3f} "
             f"| {c.collapsed}/{c.seeds} | {c.mean_abs_balance:.2e} | {c.mean_rel_balance:.2e} "
-            f"| {_fmt(c.nll_positive)} | {_fmt(c.nll_negative)} | {_fmt(ratio, 2)} |"
+            f"| {_fmt(c.nll_positive)} | {_fmt(c.nll_negative)} | {_fmt(ratio, 2)} "
+            f"| {c.reward_mean:.3f} | {c.signal_fraction:.1%} |"
         )
     return head + "\n".join(rows) + "\n"
 
@@ -226,14 +231,39 @@ def results_json(
             "experiment": "staleness",
             "command": command,
             "config": asdict(cfg),
-            "budget_key": cfg.budget_key(),
+            "budget_key": cfg.budget_key(model_path),
             "samples_per_run": cfg.samples_per_run(),
             "model_path": model_path,
             "warm_start_accuracy": warm_accuracy,
             "cells": [asdict(c) for c in cells],
-            "runs": [r.to_json() for r in runs],
+            "runs": [
+                {
+                    "loss": r.loss,
+                    "staleness": r.staleness,
+                    "seed": r.seed,
+                    "seconds": r.seconds,
+                    "accuracy": r.accuracy,
+                    "summary": asdict(summarise_cell([r], warm_accuracy)),
+                }
+                for r in runs
+            ],
         }
     )
+
+
+def _manifest_note(model_path: str) -> str:
+    """What the tiny model's manifest says about its warm start, if it has one."""
+    file = Path(model_path) / "asympo_model.json"
+    if not file.is_file():
+        return ""
+    try:
+        manifest = json.loads(file.read_text())
+        return (
+            f" (tiny model, {manifest['parameters'] / 1e6:.2f} M parameters, supervised warm "
+            f"start of {manifest['warm_start_steps']} steps in {manifest['warm_start_seconds']} s)"
+        )
+    except (ValueError, KeyError, TypeError):
+        return ""
 
 
 def _missing_note(missing: Sequence[tuple[str, int, int]]) -> str:
@@ -284,8 +314,9 @@ def write_report(
     seconds = sum(r.seconds for r in runs)
     body = f"""# Staleness experiment: ASymPO vs. naive and behaviour-corrected losses
 
-Every run trains the tiny default model (warm-started, held-out greedy accuracy
-**{warm_accuracy:.3f}**) on the `{cfg.task}` task with the learner's own step
+Every run trains the model `{model_path}`{_manifest_note(model_path)} (held-out greedy
+accuracy **{warm_accuracy:.3f}** on the first {cfg.eval_size} test problems) on the
+`{cfg.task}` task with the learner's own step
 (`asympo.training.train_step`). Staleness is forced exactly: at step t the groups are
 sampled from the policy snapshot of version max(0, t − k), scored by the task's verifier,
 and the current policy (version t) is trained on them. `grpo` (PPO-clip) and `tis`
@@ -312,14 +343,17 @@ Reproduce:
 *collapsed*: seeds whose final accuracy is below the warm start's. *balance*: the
 learner's `loss_balance` = Σ_(A>0) L_i + Σ_(A<0) L_i per step (per-response losses,
 sequence-mean); *scale*: |Σ_(A>0) L_i| + |Σ_(A<0) L_i|. *NLL⁺ / NLL⁻*: mean per-token NLL
-under the current policy of positive / negative-advantage responses.
+under the current policy of positive / negative-advantage responses. *reward*: mean
+reward of the trained samples; *groups with signal*: share of groups whose rewards are not
+all equal (the others have zero advantage and train nothing).
 
 ![held-out accuracy vs step, one panel per staleness]({paths["accuracy_png"].name})
 
 ![loss balance and NLL ratio vs staleness]({paths["balance_png"].name})
 
 Machine-readable: [`{paths["json"].name}`]({paths["json"].name}) (configuration,
-cell statistics, and every run's accuracy curve and per-step learner statistics).
+cell statistics, every run's accuracy curve and statistics; the per-step learner
+statistics of every run are in the work directory's `runs*.jsonl`).
 
 """
     discussion = _existing_discussion(paths["markdown"])
