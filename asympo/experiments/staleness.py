@@ -48,7 +48,7 @@ class StalenessConfig:
     steps: int = 80
     groups_per_step: int = 8
     samples_per_group: int = 8
-    lr: float = 2e-3
+    lr: float = 5e-4  # the learner service default (LearnerSettings.lr)
     advantage: str = "grpo"
     micro_batch: int = 64
     grad_clip: float = 1.0
@@ -405,8 +405,9 @@ def load_runs(work_dir: Path, budget_key: str) -> dict[tuple[str, int, int], Run
 
 
 def grid_cells(cfg: StalenessConfig) -> list[tuple[str, int, int]]:
-    """Every (loss, staleness, seed) of the grid, in run order."""
-    return [(loss, k, s) for k in cfg.staleness for loss in cfg.losses for s in cfg.seeds]
+    """Every (loss, staleness, seed) of the grid, in run order: seed by seed, so that an
+    interrupted grid still holds whole single-seed grids."""
+    return [(loss, k, s) for s in cfg.seeds for k in cfg.staleness for loss in cfg.losses]
 
 
 @dataclass(frozen=True)

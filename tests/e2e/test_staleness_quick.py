@@ -33,14 +33,19 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return out, json.loads((out / "staleness_results.json").read_text())
+    results = json.loads((out / "staleness_results.json").read_text())
+    # The per-step learner statistics live in the work directory's run log.
+    lines = (out / "work" / "runs.jsonl").read_text().splitlines()
+    results["run_steps"] = [json.loads(line) for line in lines if line.strip()]
+    return out, results
 
 
 def test_every_cell_ran_its_whole_budget_at_the_forced_staleness(
     quick_run: tuple[Path, dict[str, Any]],
 ) -> None:
     _, results = quick_run
-    runs = {(r["loss"], r["staleness"], r["seed"]): r for r in results["runs"]}
+    runs = {(r["loss"], r["staleness"], r["seed"]): r for r in results["run_steps"]}
+    assert set(runs) == {(r["loss"], r["staleness"], r["seed"]) for r in results["runs"]}
     expected = {(loss, k, s) for loss in QUICK.losses for k in QUICK.staleness for s in QUICK.seeds}
     assert set(runs) == expected
     for (_, k, _), run in runs.items():
@@ -79,7 +84,7 @@ def test_asympo_loss_balance_is_zero_at_every_staleness(
     quick_run: tuple[Path, dict[str, Any]],
 ) -> None:
     _, results = quick_run
-    asympo_runs = [r for r in results["runs"] if r["loss"] == "asympo"]
+    asympo_runs = [r for r in results["run_steps"] if r["loss"] == "asympo"]
     assert {r["staleness"] for r in asympo_runs} == set(QUICK.staleness)
     for run in asympo_runs:
         for step in run["steps"]:
