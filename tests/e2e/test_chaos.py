@@ -66,6 +66,8 @@ RUN_DEADLINE_S = 420.0
 READY_TIMEOUT_S = 180.0
 REDIS_DOWN_S = 3.0
 
+SHM = Path("/dev/shm")
+
 Entry = tuple[str, dict[bytes, bytes]]
 
 
@@ -217,6 +219,40 @@ def consumers_pending(client: redis.Redis, key: str, group: str) -> dict[str, in
     }
 
 
+def shared_memory_in_use() -> set[str]:
+    """Paths under /dev/shm that some live process maps or holds open."""
+    used: set[str] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            used.update(
+                line.split(" ", 5)[-1].strip().removesuffix(" (deleted)")
+                for line in (proc / "maps").read_text().splitlines()
+                if "/dev/shm/" in line
+            )
+            for fd in (proc / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("/dev/shm/"):
+                    used.add(target)
+        except OSError:
+            continue
+    return used
+
+
+def remove_orphan_shared_memory(before: set[Path]) -> int:
+    """Unlink vLLM segments created during the run that no live process uses; how many.
+
+    A SIGKILLed vLLM replica cannot unlink its shared-memory message queues (its resource
+    tracker dies in the same process group), so they would outlive the test.
+    """
+    used = shared_memory_in_use()
+    orphans = [p for p in set(SHM.glob("psm_*")) - before if str(p) not in used]
+    for path in orphans:
+        path.unlink(missing_ok=True)
+    return len(orphans)
+
+
 def dead_letters(client: redis.Redis, key: str) -> list[records_pb2.DeadLetter]:
     """The run's dead letters."""
     return [decode(f, records_pb2.DeadLetter) for _, f in entries(client, key)]
@@ -244,12 +280,16 @@ def checkpoint_counters(checkpoint_dir: Path) -> dict[str, float]:
 
 @pytest.mark.timeout(900)  # the run is bounded by RUN_DEADLINE_S; a first tiny-model build adds
 def test_chaos_kills_and_redis_restart_lose_and_double_nothing(tmp_path: Path) -> None:
+    shm_before = set(SHM.glob("psm_*"))
     server = AofRedis(tmp_path / "redis", free_port())
     server.start()
     try:
         run_and_audit(tmp_path, server)
     finally:
         server.stop()
+        print(
+            f"orphan vLLM shared-memory segments removed: {remove_orphan_shared_memory(shm_before)}"
+        )
 
 
 def run_and_audit(tmp_path: Path, server: AofRedis) -> None:
