@@ -129,7 +129,7 @@ def test_warm_start_saves_a_loadable_hf_model_and_the_cache_is_reused(tmp_path: 
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
 
 
-def test_warm_start_time_budget_extends_only_below_min_accuracy(tokenizer: object) -> None:
+def test_warm_start_stops_by_steps_or_target_not_by_the_clock(tokenizer: object) -> None:
     from asympo.model.warm_start import SftSchedule, supervised_warm_start
 
     train = [(f"{a}+{b}=", str(a + b)) for a in range(10) for b in range(10)]
@@ -146,7 +146,7 @@ def test_warm_start_time_budget_extends_only_below_min_accuracy(tokenizer: objec
             seed=0,
         )
         logs: list[str] = []
-        schedule = SftSchedule(batch_size=4, eval_every=1000, max_steps=5, **kw)  # type: ignore[arg-type]
+        schedule = SftSchedule(batch_size=4, eval_every=2, max_steps=5, **kw)  # type: ignore[arg-type]
         result = supervised_warm_start(
             model,
             tokenizer,  # type: ignore[arg-type]
@@ -159,12 +159,12 @@ def test_warm_start_time_budget_extends_only_below_min_accuracy(tokenizer: objec
         )
         return result.steps, logs
 
-    # Budget spent and the minimum met (0%): stops at the first step past the budget.
-    steps, logs = run(max_seconds=0.0, min_accuracy=0.0)
-    assert steps == 1 and len(logs) == 1
-    # Minimum not met: trains on past the budget (here to max_steps) and says so.
-    steps, logs = run(max_seconds=0.0, min_accuracy=1.0, hard_max_seconds=3600.0)
-    assert steps == 5 and any("training on" in line for line in logs)
-    # ... but never past the hard cap.
-    steps, logs = run(max_seconds=0.0, min_accuracy=1.0, hard_max_seconds=0.0)
-    assert steps == 1 and len(logs) == 1
+    # Target out of reach: exactly max_steps, evaluated at steps 2, 4 and the last.
+    steps, logs = run(target_accuracy=1.1)
+    assert steps == 5 and len(logs) == 3 and "step 5/5" in logs[-1]
+    # Target met at the first evaluation: stops there.
+    steps, logs = run(target_accuracy=0.0)
+    assert steps == 2 and len(logs) == 1
+    # The safety net stops a run that takes too long, and says so.
+    steps, logs = run(target_accuracy=1.1, hard_max_seconds=0.0)
+    assert steps == 1 and "safety limit" in logs[-1]
