@@ -699,20 +699,14 @@ return {fresh, ids}
 """
 
 
-def produce_and_ack(
+def _produce_and_ack_call(
     outputs: Sequence[tuple[Producer[Any], Message]],
     consumer: Consumer[Any],
     deliveries: Delivery[Any] | str | Iterable[Delivery[Any] | str],
-    once_key: str | None = None,
-    once_ttl_s: float = 7 * 24 * 3600.0,
-) -> Committed:
-    """Atomically append ``outputs`` and ack ``deliveries`` of ``consumer`` (one script).
-
-    With ``once_key`` (the input's idempotency key, e.g. ``group_id``) the outputs are
-    only written if the key was not recorded yet; a duplicate is still acked and returns
-    ``Committed([], duplicate=True)``. Either everything happens or nothing does, so a
-    crash never leaves an output without its ack, or an ack without its output.
-    """
+    once_key: str | None,
+    once_ttl_s: float,
+) -> tuple[list[str], list[bytes | str | int]]:
+    """KEYS and ARGV of the produce-and-ack script for one input."""
     ids = _entry_ids(deliveries)
     keys = [once_key or "", consumer.stream_key]
     args: list[bytes | str | int] = [
@@ -729,7 +723,53 @@ def produce_and_ack(
             fields[FIELD_TYPE],
             fields[FIELD_MSG],
         ]
+    return keys, args
+
+
+def _script(consumer: Consumer[Any]) -> Script:
     if consumer._produce_and_ack is None:  # EVALSHA after the first call, not the source
         consumer._produce_and_ack = cast("Script", consumer.redis.register_script(_PRODUCE_AND_ACK))
-    fresh, new_ids = cast("list[Any]", consumer._produce_and_ack(keys=keys, args=args))
+    return consumer._produce_and_ack
+
+
+def produce_and_ack(
+    outputs: Sequence[tuple[Producer[Any], Message]],
+    consumer: Consumer[Any],
+    deliveries: Delivery[Any] | str | Iterable[Delivery[Any] | str],
+    once_key: str | None = None,
+    once_ttl_s: float = 7 * 24 * 3600.0,
+) -> Committed:
+    """Atomically append ``outputs`` and ack ``deliveries`` of ``consumer`` (one script).
+
+    With ``once_key`` (the input's idempotency key, e.g. ``group_id``) the outputs are
+    only written if the key was not recorded yet; a duplicate is still acked and returns
+    ``Committed([], duplicate=True)``. Either everything happens or nothing does, so a
+    crash never leaves an output without its ack, or an ack without its output.
+    """
+    keys, args = _produce_and_ack_call(outputs, consumer, deliveries, once_key, once_ttl_s)
+    fresh, new_ids = cast("list[Any]", _script(consumer)(keys=keys, args=args))
     return Committed([_str(i) for i in new_ids], duplicate=not bool(fresh))
+
+
+def produce_and_ack_many(
+    items: Sequence[
+        tuple[
+            Sequence[tuple[Producer[Any], Message]],
+            Delivery[Any] | str | Iterable[Delivery[Any] | str],
+            str | None,
+        ]
+    ],
+    consumer: Consumer[Any],
+    once_ttl_s: float = 7 * 24 * 3600.0,
+) -> list[Committed]:
+    """:func:`produce_and_ack` for many inputs in one round trip (``(outputs, deliveries,
+    once_key)`` each). Each input stays atomic on its own; the batch is not a transaction."""
+    if not items:
+        return []
+    script = _script(consumer)
+    pipe = consumer.redis.pipeline(transaction=False)
+    for outputs, deliveries, once_key in items:
+        keys, args = _produce_and_ack_call(outputs, consumer, deliveries, once_key, once_ttl_s)
+        script(keys=keys, args=args, client=pipe)
+    results = cast("list[list[Any]]", pipe.execute())
+    return [Committed([_str(i) for i in ids], duplicate=not bool(fresh)) for fresh, ids in results]

@@ -24,7 +24,7 @@ import redis
 
 from asympo.config import Settings
 from asympo.engines import Completion, Engine, GenerationRequest
-from asympo.streams import Consumer, Delivery, Producer, produce_and_ack
+from asympo.streams import Consumer, Delivery, Producer, produce_and_ack_many
 from asympo.v1 import records_pb2
 from services.rollout import metrics
 from services.rollout.swap import WeightSwapper
@@ -142,18 +142,21 @@ class RolloutWorker:
             started = time.time()
             reqs = requests_for([d.msg for d in ready], self.engine)
             outputs = self.engine.generate(reqs)
+        groups = [
+            build_group(d.msg, req, comps, version, self.engine_name, self.replica, started)
+            for d, req, comps in zip(ready, reqs, outputs, strict=True)
+        ]
+        # One round trip for the whole batch; each group is produced-and-acked atomically.
+        committed = produce_and_ack_many(
+            [([(self.out, g)], d, self._once_key(g)) for d, g in zip(ready, groups, strict=True)],
+            self.prompts,
+        )
         produced = 0
-        for delivery, req, completions in zip(ready, reqs, outputs, strict=True):
-            group = build_group(
-                delivery.msg, req, completions, version, self.engine_name, self.replica, started
-            )
-            committed = produce_and_ack(
-                [(self.out, group)], self.prompts, delivery, once_key=self._once_key(group)
-            )
-            if not committed.duplicate:
+        for group, result in zip(groups, committed, strict=True):
+            if not result.duplicate:
                 produced += 1
                 metrics.ROLLOUT_GROUPS.inc()
-                metrics.GENERATED_TOKENS.inc(sum(len(c.tokens) for c in completions))
+                metrics.GENERATED_TOKENS.inc(sum(len(s.completion_tokens) for s in group.samples))
         return produced
 
     def _once_key(self, group: records_pb2.RolloutGroup) -> str:

@@ -33,6 +33,7 @@ from asympo.streams import (
     decode,
     lag,
     produce_and_ack,
+    produce_and_ack_many,
     stream_metrics,
 )
 from asympo.v1 import records_pb2
@@ -477,6 +478,38 @@ def test_produce_and_ack_skips_duplicates(redis_client: redis.Redis, key_prefix:
     assert len(results[0].ids) == 1 and results[1].ids == []
     assert redis_client.xlen(out) == 1
     assert redis_client.xpending(src, "g")["pending"] == 0
+
+
+def test_produce_and_ack_many_is_one_round_trip_of_atomic_commits(
+    redis_client: redis.Redis, key_prefix: str
+) -> None:
+    src, out = f"{key_prefix}in", f"{key_prefix}out"
+    Producer(redis_client, src, records_pb2.RolloutGroup).send_many(
+        [rollout_group(1), rollout_group(2), rollout_group(1), rollout_group(3)]
+    )
+    consumer = Consumer(redis_client, src, "g", "c", records_pb2.RolloutGroup, "dl")
+    output = Producer(redis_client, out, records_pb2.ScoredGroup, maxlen=None)
+    deliveries = consumer.read(count=10)
+    results = produce_and_ack_many(
+        [
+            (
+                [(output, records_pb2.ScoredGroup(rollout=d.msg))],
+                d,
+                f"{key_prefix}o:{d.msg.group_id}",
+            )
+            for d in deliveries
+        ],
+        consumer,
+    )
+    assert [r.duplicate for r in results] == [False, False, True, False]
+    got = [
+        records_pb2.ScoredGroup.FromString(f[b"msg"]).rollout.group_id
+        for _, f in redis_client.xrange(out)
+    ]
+    assert got == [deliveries[i].msg.group_id for i in (0, 1, 3)]
+    assert [r.ids[0] for r in results if r.ids] == [i.decode() for i, _ in redis_client.xrange(out)]
+    assert redis_client.xpending(src, "g")["pending"] == 0
+    assert produce_and_ack_many([], consumer) == []
 
 
 def test_claim_once(redis_client: redis.Redis, key_prefix: str) -> None:
