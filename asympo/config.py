@@ -123,7 +123,7 @@ class LearnerSettings(Section):
     clip_eps_high: float = Field(0.28, gt=0)
     tis_cap: float = Field(2.0, gt=0)
     nll_eps: float = Field(1e-4, gt=0)
-    lr: float = Field(5e-4, gt=0)
+    lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
