@@ -36,14 +36,7 @@ def run(settings: Settings) -> None:
     engine = create_engine(settings, settings.model.path)
     swapper = WeightSwapper(engine, UNPUBLISHED_VERSION, Path(settings.model.path))
     weights = WeightsClient.from_settings(settings)
-    follower = VersionFollower(
-        client,
-        settings.streams.key(settings.streams.weights),
-        weights,
-        swapper,
-        Path(settings.rollout.work_dir) / "weights",
-        settings.rollout.probe_tolerance,
-    )
+    follower = VersionFollower.from_settings(settings, client, weights, swapper)
     worker = RolloutWorker(settings, client, engine, swapper)
     http = HttpServer(
         make_http_app(metrics.REGISTRY, ready=lambda: True, title="asympo-rollout"),

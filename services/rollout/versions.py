@@ -15,6 +15,7 @@ from typing import Any, cast
 
 import redis
 
+from asympo.config import Settings
 from asympo.streams import DecodeFailure, decode
 from asympo.v1 import records_pb2
 from asympo.weights_client import WeightsClient, WeightsClientError, prune_local
@@ -45,6 +46,24 @@ class VersionFollower:
         self.refused: set[int] = set()
         self.stop_event = threading.Event()
         self.outcomes: list[SwapOutcome] = []
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        client: redis.Redis,
+        weights: WeightsClient,
+        swapper: WeightSwapper,
+    ) -> VersionFollower:
+        """A follower of this run's weights stream, fetching into ``rollout.work_dir``."""
+        return cls(
+            client,
+            settings.streams.key(settings.streams.weights),
+            weights,
+            swapper,
+            Path(settings.rollout.work_dir) / "weights",
+            settings.rollout.probe_tolerance,
+        )
 
     def apply(self, version: int) -> SwapOutcome | None:
         """Fetch, verify and offer ``version``; None when it is not newer or was refused."""

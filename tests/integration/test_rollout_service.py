@@ -182,14 +182,7 @@ def test_version_tags_exact_across_a_swap_during_generation(
     states = perturbed_states(hf, 3)
     spy = GenerateSpy(engine)
     swapper = WeightSwapper(spy, -1, model_dir)
-    follower = VersionFollower(
-        redis_client,
-        settings.streams.key(settings.streams.weights),
-        wclient,
-        swapper,
-        Path(settings.rollout.work_dir) / "weights",
-        1e-3,
-    )
+    follower = VersionFollower.from_settings(settings, redis_client, wclient, swapper)
     worker = RolloutWorker(settings, redis_client, spy, swapper)  # type: ignore[arg-type]
     texts = [f"{a}+{b}=" for a in range(10, 14) for b in range(20, 28)]  # 32 prompts
 
@@ -253,14 +246,7 @@ def test_wrong_probe_refused_and_old_version_kept(
     hf = load_causal_lm(str(model_dir))
     states = perturbed_states(hf, 2)
     swapper = WeightSwapper(engine, -1, model_dir)
-    follower = VersionFollower(
-        redis_client,
-        settings.streams.key(settings.streams.weights),
-        wclient,
-        swapper,
-        Path(settings.rollout.work_dir) / "weights",
-        1e-3,
-    )
+    follower = VersionFollower.from_settings(settings, redis_client, wclient, swapper)
     publish(wclient, hf, states[0], 0)
     assert follower.apply(0).accepted  # type: ignore[union-attr]
     hf.load_state_dict(states[0])
