@@ -323,7 +323,13 @@ def run_and_audit(tmp_path: Path, server: AofRedis) -> None:
             run.start("rollout", "rollout-b")
 
             # One step after a checkpoint, so the restarted learner must re-do a step.
-            run.wait_for("version 5", lambda: run.version() >= 5, every_s=0.05)
+            # Checkpoints land on multiples of CHECKPOINT_EVERY: kill on the step after one
+            # (a fast learner may pass v5 between two polls, so any such step from v5 on).
+            run.wait_for(
+                "a version just past a checkpoint",
+                lambda: run.version() >= 5 and run.version() % CHECKPOINT_EVERY == 1,
+                every_s=0.02,
+            )
             run.kill("learner")
             records_before = len(run.step_records())
             version_at_kill = run.version()
@@ -331,7 +337,10 @@ def run_and_audit(tmp_path: Path, server: AofRedis) -> None:
             faults.append(f"SIGKILL learner at v{version_at_kill} (checkpoint v{resumed_from})")
             run.start("learner", "learner-b", wait=False)
 
-            run.wait_for("version 7 after restart", lambda: run.version() >= 7)
+            run.wait_for(
+                "two versions after restart",
+                lambda: run.version() >= min(version_at_kill + 2, STEPS - 1),
+            )
             faults.append(f"Redis restart at v{run.version()}")
             server.stop()
             time.sleep(REDIS_DOWN_S)
