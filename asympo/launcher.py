@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,7 +290,8 @@ def _status_table(
 ) -> Any:
     from rich.table import Table
 
-    last = records[-1] if records else {}
+    steps = [r for r in records if "loss_balance" in r]  # eval records carry accuracy only
+    last = steps[-1] if steps else {}
     accs = [r for r in records if isinstance(r.get("accuracy"), int | float)]
     table = Table(title=f"asympo up — {elapsed:5.0f}s", show_header=True, expand=False)
     table.add_column("metric")
@@ -374,7 +376,8 @@ def run_up(
         learner = sup.children[-1]
         rollout_ports = [c.http_port for c in sup.children if c.name.startswith("rollout")]
         started = time.monotonic()
-        last_tokens: tuple[float, float] | None = None
+        window: deque[tuple[float, float]] = deque()  # (time, tokens) over the last ~10 s
+        total = 0.0
         tokens_per_s: float | None = None
 
         def view() -> Any:
@@ -392,12 +395,15 @@ def run_up(
                 counts = [scrape_counter(p, "asympo_generated_tokens_total") for p in rollout_ports]
                 total = sum(c for c in counts if c is not None)
                 now = time.monotonic()
-                if last_tokens is not None and now > last_tokens[0]:
-                    tokens_per_s = (total - last_tokens[1]) / (now - last_tokens[0])
-                last_tokens = (now, total)
+                window.append((now, total))
+                while now - window[0][0] > 10.0:
+                    window.popleft()
+                if now > window[0][0]:
+                    tokens_per_s = (total - window[0][1]) / (now - window[0][0])
                 if live:
                     screen.update(view())
                 time.sleep(1.0)
+            tokens_per_s = total / max(time.monotonic() - started, 1e-9)  # run average
             screen.update(view())
         if learner.proc.returncode != 0:
             raise LaunchError(sup.describe_death(learner))
