@@ -6,7 +6,7 @@ Schema (the Hugging Face ``openai/gsm8k`` one): ``question`` and ``answer`` stri
 from __future__ import annotations
 
 from asympo.tasks.base import Problem, Task, TaskError, final_number
-from asympo.tasks.sources import load_rows, require_fields
+from asympo.tasks.sources import load_problems
 
 GSM8K_DEFAULT_SOURCE = "openai/gsm8k"
 GSM8K_TEMPLATE = "Question: {question}\nAnswer:"
@@ -30,11 +30,15 @@ def load_gsm8k(path: str = "", seed: int = 0, train_size: int = 0, eval_size: in
     ``train_size``/``eval_size`` cap each split (0 = no cap on train).
     """
     source = path or GSM8K_DEFAULT_SOURCE
-    train_rows, test_rows, where = load_rows(source, seed, eval_size, hf_config="main")
-    for rows, split in ((train_rows, "train"), (test_rows, "test")):
-        require_fields(rows, ("question", "answer"), f"{where} ({split})", "gsm8k")
-    train = [_to_problem(r, f"train:{i}") for i, r in enumerate(train_rows)]
-    test = [_to_problem(r, f"test:{i}") for i, r in enumerate(test_rows)]
+    train, test, where = load_problems(
+        source,
+        seed,
+        eval_size,
+        ("question", "answer"),
+        "gsm8k",
+        lambda row, split, i: _to_problem(row, f"{split}:{i}"),
+        hf_config="main",
+    )
     return Task(
         name="gsm8k",
         train=train[:train_size] if train_size else train,

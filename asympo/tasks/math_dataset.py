@@ -6,7 +6,7 @@ Schema (the Hendrycks MATH one): ``problem`` and ``solution`` strings.
 from __future__ import annotations
 
 from asympo.tasks.base import Problem, Task, TaskError
-from asympo.tasks.sources import load_rows, require_fields
+from asympo.tasks.sources import load_problems
 
 MATH_DEFAULT_SOURCE = "EleutherAI/hendrycks_math:algebra"
 MATH_TEMPLATE = "Problem: {question}\nSolution:"
@@ -47,11 +47,14 @@ def _to_problem(row: dict[str, object], prompt_id: str) -> Problem:
 def load_math(path: str = "", seed: int = 0, train_size: int = 0, eval_size: int = 200) -> Task:
     """MATH from ``path`` (local .jsonl/.json/.parquet, a train/test directory, or a HF id)."""
     source = path or MATH_DEFAULT_SOURCE
-    train_rows, test_rows, where = load_rows(source, seed, eval_size)
-    for rows, split in ((train_rows, "train"), (test_rows, "test")):
-        require_fields(rows, ("problem", "solution"), f"{where} ({split})", "math")
-    train = [_to_problem(r, f"train:{i}") for i, r in enumerate(train_rows)]
-    test = [_to_problem(r, f"test:{i}") for i, r in enumerate(test_rows)]
+    train, test, where = load_problems(
+        source,
+        seed,
+        eval_size,
+        ("problem", "solution"),
+        "math",
+        lambda row, split, i: _to_problem(row, f"{split}:{i}"),
+    )
     return Task(
         name="math",
         train=train[:train_size] if train_size else train,

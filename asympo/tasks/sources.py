@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from asympo.tasks.base import TaskError
+from asympo.tasks.base import Problem, TaskError
 
 Row = dict[str, Any]
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -141,3 +142,27 @@ def load_rows(
     if hf_test is None:
         hf_train, hf_test = split_rows(hf_train, seed, eval_size)
     return hf_train, hf_test, f"hf:{spec}"
+
+
+def load_problems(
+    spec: str,
+    seed: int,
+    eval_size: int,
+    fields: tuple[str, ...],
+    schema: str,
+    to_problem: Callable[[Row, str, int], Problem],
+    hf_config: str | None = None,
+) -> tuple[list[Problem], list[Problem], str]:
+    """Train and test problems from ``spec``: rows loaded, checked for ``fields``, converted.
+
+    ``to_problem(row, split, index)`` builds one problem; ``schema`` names the expected
+    format in error messages. Returns (train, test, description of the source).
+    """
+    train_rows, test_rows, where = load_rows(spec, seed, eval_size, hf_config=hf_config)
+    splits = {"train": train_rows, "test": test_rows}
+    for split, rows in splits.items():
+        require_fields(rows, fields, f"{where} ({split})", schema)
+    train, test = (
+        [to_problem(row, split, i) for i, row in enumerate(rows)] for split, rows in splits.items()
+    )
+    return train, test, where
