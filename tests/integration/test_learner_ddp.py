@@ -31,15 +31,22 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         for name, groups in batches().items():
-            model = tiny_model()
-            ddp = wrap_ddp(model, DistInfo(rank, world, torch.device("cpu")))
-            opt = torch.optim.SGD(ddp.parameters(), lr=LR)
-            stats = train_step(ddp, opt, groups[rank::world], CFG)
-            params = {n: p.detach().contiguous() for n, p in model.named_parameters()}
-            save_file(params, os.path.join(out_dir, f"{name}-{rank}.safetensors"))
-            Path(out_dir, f"{name}-{rank}.json").write_text(json.dumps(stats))
+            _train_one(rank, world, name, groups, out_dir)
     finally:
+        # Every DDP wrapper is gone by now (it lived in _train_one): freeing one after the
+        # group is destroyed makes its Reducer drop the last reference to the gloo group,
+        # whose destructor joins a thread that needs the GIL — a teardown deadlock.
         dist.destroy_process_group()
+
+
+def _train_one(rank: int, world: int, name: str, groups: list[TrainGroup], out_dir: str) -> None:
+    model = tiny_model()
+    ddp = wrap_ddp(model, DistInfo(rank, world, torch.device("cpu")))
+    opt = torch.optim.SGD(ddp.parameters(), lr=LR)
+    stats = train_step(ddp, opt, groups[rank::world], CFG)
+    params = {n: p.detach().contiguous() for n, p in model.named_parameters()}
+    save_file(params, os.path.join(out_dir, f"{name}-{rank}.safetensors"))
+    Path(out_dir, f"{name}-{rank}.json").write_text(json.dumps(stats))
 
 
 @pytest.mark.timeout(300)
