@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -55,6 +55,20 @@ class Completion:
     text: str
     finish_reason: str
     logprobs: list[float] | None = None
+
+
+class TokenizerText:
+    """``encode``/``decode`` shared by the backends, over their Hugging Face ``tokenizer``."""
+
+    tokenizer: Any
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no special tokens added)."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        """Text of ``tokens`` with special tokens skipped."""
+        return str(self.tokenizer.decode(list(tokens), skip_special_tokens=True))
 
 
 @runtime_checkable

@@ -20,6 +20,7 @@ from asympo.engines.base import (
     Completion,
     EngineError,
     GenerationRequest,
+    TokenizerText,
     WeightSource,
     safetensors_files,
     validate_request,
@@ -50,7 +51,7 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[: min(hits)], True) if hits else (text, False)
 
 
-class HFEngine:
+class HFEngine(TokenizerText):
     """A transformers causal LM behind the ``Engine`` interface."""
 
     name = "transformers"
@@ -62,14 +63,6 @@ class HFEngine:
         self.device = torch.device(device)
         self.max_model_len = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self._lock = threading.Lock()
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (no special tokens added)."""
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def decode(self, tokens: Sequence[int]) -> str:
-        """Text of ``tokens`` with special tokens skipped."""
-        return str(self.tokenizer.decode(list(tokens), skip_special_tokens=True))
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Completion]]:
         """For each request, its ``n`` completions, generated one after another."""

