@@ -51,7 +51,7 @@ def settings_from_cli(config: Path | None, overrides: list[str] | None) -> Setti
 
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print a user-facing error and return the Exit to raise."""
-    console.print(f"[red]error:[/red] {message}")
+    console.print(f"[red]error:[/red] {message}", soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -113,7 +113,9 @@ def up(
     """
     import time as _time
 
-    from asympo.launcher import LaunchError, run_up, with_run_defaults
+    from asympo.launcher import LaunchError, run_up, with_free_ports, with_run_defaults
+    from asympo.model import ModelLoadError
+    from asympo.preflight import check_against_model, task_prompts
     from asympo.redis_conn import EmbeddedRedis, RedisUnavailable
     from asympo.run_plot import plot_run
 
@@ -124,10 +126,15 @@ def up(
         config,
         [f"streams.run_id={rid}", f"learner.max_steps={steps}", *(overrides or [])],
     )
-    if settings.run_dir == Settings().run_dir:
+    if "run_dir" not in settings.model_fields_set:
         settings = settings.model_copy(update={"run_dir": f"runs/{rid}"})
-    settings = with_run_defaults(settings)
-    model_path = resolve_model(settings)
+    settings = with_free_ports(with_run_defaults(settings))
+    try:
+        model_path = resolve_model(settings)
+        # Mistakes only the model shows (context, vocabulary) end here, before any child.
+        check_against_model(settings, model_path, task_prompts(settings))
+    except (ValueError, ModelLoadError) as exc:  # ConfigError, TaskError: the user's settings
+        raise fail(str(exc)) from exc
     settings = settings.model_copy(
         update={"model": settings.model.model_copy(update={"path": model_path})}
     )
@@ -159,12 +166,9 @@ def up(
 
 def resolve_model(settings: Settings) -> str:
     """The model path to serve: the configured one, or the tiny default (built if not cached)."""
-    if settings.model.path:
-        return settings.model.path
-    from asympo.model import ensure_default_model
+    from asympo.model import resolve_model_path
 
-    console.print("building or reusing the tiny default model (asympo init-model) ...")
-    return str(ensure_default_model(settings))
+    return resolve_model_path(settings, say=console.print)
 
 
 @app.command("init-model")

@@ -2,14 +2,17 @@
 
 HTTP (FastAPI + uvicorn on a background thread)::
 
-    app = make_http_app(REGISTRY, ready=lambda: store_ok, max_request_bytes=1 << 20)
-    http = HttpServer(app, host, port).start()      # port 0 = any free port; see http.port
+    app = make_http_app(REGISTRY, ready=lambda: store_ok, live=lambda: loop_alive)
+    http = HttpServer(app, host, port, max_request_bytes=1 << 20).start()  # port 0: any free
     ...
     http.stop()
 
-``/healthz`` answers 200 while the process runs; ``/readyz`` answers 200 when ``ready()``
-is true and 503 otherwise; ``/metrics`` exposes the given Prometheus registry. Request
-bodies beyond ``max_request_bytes`` get 413 before the handler sees them.
+``/healthz`` answers 200 while ``live()`` is true (the process and its loops run) and 503
+otherwise; ``/readyz`` answers 200 when ``ready()`` is true and 503 otherwise;
+``/metrics`` exposes the given Prometheus registry. Request bodies beyond
+``max_request_bytes`` get 413 before the handler sees them. Services build these
+through :class:`asympo.service.Service`, which wires ``ready`` and ``live`` to their
+supervised loops.
 
 gRPC::
 
@@ -129,29 +132,29 @@ def make_http_app(
     registry: CollectorRegistry,
     ready: Callable[[], bool] = lambda: True,
     *,
+    live: Callable[[], bool] = lambda: True,
     title: str = "asympo",
 ) -> FastAPI:
     """A FastAPI app with ``/healthz``, ``/readyz`` and ``/metrics``; add routes to it freely.
 
-    ``ready`` is called on every ``/readyz``; an exception counts as not ready.
+    ``ready`` is called on every ``/readyz`` and ``live`` on every ``/healthz``; an
+    exception counts as false.
     """
     app = FastAPI(title=title, docs_url=None, redoc_url=None)
 
-    @app.get("/healthz")
-    def healthz() -> dict[str, str]:
-        """Liveness: the process answers."""
+    @app.get("/healthz", responses={503: {"description": "A main loop is dead"}})
+    def healthz(response: Response) -> dict[str, str]:
+        """Liveness: the process answers and none of its loops has died (503 otherwise)."""
+        if not _check(live, "liveness"):
+            response.status_code = 503
+            return {"status": "dead"}
         return {"status": "ok"}
 
     # Every status and content type a client can see is in the OpenAPI document.
     @app.get("/readyz", responses={503: {"description": "Not ready"}})
     def readyz(response: Response) -> dict[str, str]:
         """Readiness: the service can do its job now (503 otherwise)."""
-        try:
-            ok = bool(ready())
-        except Exception as exc:  # a failing probe means "not ready", never a 500
-            log.warning("readiness check failed: %s", exc)
-            ok = False
-        if not ok:
+        if not _check(ready, "readiness"):
             response.status_code = 503
             return {"status": "not ready"}
         return {"status": "ready"}
@@ -162,6 +165,14 @@ def make_http_app(
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _check(probe: Callable[[], bool], what: str) -> bool:
+    try:
+        return bool(probe())
+    except Exception as exc:  # a failing probe means "no", never a 500
+        log.warning("%s check failed: %s", what, exc)
+        return False
 
 
 class HttpServer:

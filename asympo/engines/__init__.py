@@ -41,12 +41,11 @@ def vllm_available() -> bool:
 def create_engine(settings: Settings, model: str, max_model_len: int | None = None) -> Engine:
     """Start the configured engine on ``model`` (local directory or HF id).
 
-    An empty ``model`` means the configured one (``model.path``, else the tiny default).
+    ``model`` must name the model: an entry point resolves ``model.path`` (empty = the
+    tiny default, which may need building) once, with ``resolve_model_path``.
     """
     if not model:
-        from asympo.model.loading import resolve_model_path
-
-        model = resolve_model_path(settings)
+        raise EngineError("create_engine needs a model path (resolve model.path first)")
     backend = settings.rollout.engine
     if backend == "vllm" and not vllm_available():
         log.warning("vLLM is not installed: falling back to the transformers engine")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from asympo.config import Settings
 
+log = logging.getLogger(__name__)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -17,11 +21,14 @@ class ModelLoadError(RuntimeError):
     """The configured model cannot be found or loaded; the message says what to do."""
 
 
-def resolve_model_path(settings: Settings, build_if_missing: bool = True) -> str:
+def resolve_model_path(
+    settings: Settings, build_if_missing: bool = True, say: Callable[[str], None] = log.info
+) -> str:
     """Local directory or HF id of the policy model.
 
     ``model.path`` empty means the tiny default: its cache directory, built and
-    warm-started first when ``build_if_missing`` (else ModelLoadError).
+    warm-started first when ``build_if_missing`` (else ModelLoadError), with progress
+    told through ``say``. Call it once, at an entry point: what it may do is heavy.
     """
     if settings.model.path:
         return settings.model.path
@@ -34,7 +41,8 @@ def resolve_model_path(settings: Settings, build_if_missing: bool = True) -> str
         raise ModelLoadError(
             f"the tiny default model is not built yet ({path}); run `asympo init-model`"
         )
-    return str(ensure_tiny_model(settings).path)
+    say(f"model.path is empty: building the tiny default model in {path} (asympo init-model)")
+    return str(ensure_tiny_model(settings, log=say).path)
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:

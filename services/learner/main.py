@@ -13,11 +13,10 @@ On stop it checkpoints and saves the final model in Hugging Face format to
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from pathlib import Path
-from types import FrameType
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -25,16 +24,12 @@ from transformers import PreTrainedTokenizerBase
 from asympo.config import Settings
 from asympo.evaluation import evaluate, hf_greedy
 from asympo.losses import needs_behaviour_logprobs
-from asympo.model.loading import (
-    ModelLoadError,
-    load_causal_lm,
-    load_tokenizer,
-    resolve_model_path,
-)
+from asympo.model.loading import load_causal_lm, load_tokenizer, resolve_model_path
+from asympo.preflight import check_against_model, task_prompts
 from asympo.probe import make_probe, probe_tokens
-from asympo.redis_conn import RedisUnavailable, connect
+from asympo.redis_conn import connect
 from asympo.run_log import METRICS_FILE, MetricsWriter
-from asympo.serving import HttpServer, make_http_app
+from asympo.service import Service, configure_logging
 from asympo.tasks import Task, load_task
 from asympo.verifiers import as_verdict, resolve_verifier
 from asympo.weights_client import PublishRejected, WeightsClient, WeightsClientError
@@ -101,114 +96,138 @@ def held_out_accuracy(
     return evaluate(task, task.test[: settings.task.eval_size], generate, verify).pass_at_1
 
 
+class TrainingLoop:
+    """One supervised step of the learner: train, serve requests, evaluate, log.
+
+    Sets ``stop`` once ``learner.max_steps`` is reached (0 = never).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        learner: Learner,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        task: Task,
+        writer: MetricsWriter,
+        stop: threading.Event,
+    ) -> None:
+        self.settings = settings
+        self.learner = learner
+        self.model = model
+        self.tokenizer = tokenizer
+        self.task = task
+        self.writer = writer
+        self.stop = stop
+        self._evaluated_start = learner.version != 0
+
+    def done(self) -> bool:
+        """Whether ``learner.max_steps`` is reached."""
+        max_steps = self.settings.learner.max_steps
+        return max_steps != 0 and self.learner.version >= max_steps
+
+    def evaluate(self) -> None:
+        """Write the held-out accuracy of the current version to metrics.jsonl."""
+        acc = held_out_accuracy(self.settings, self.model, self.tokenizer, self.task)
+        self.writer.write(
+            {"step": self.learner.version, "version": self.learner.version, "accuracy": acc}
+        )
+
+    def step(self) -> None:
+        """Wait up to 1 s for a batch and train on it; evaluate every ``eval_every`` steps."""
+        lc, learner = self.settings.learner, self.learner
+        if lc.eval_every and not self._evaluated_start:
+            self.evaluate()
+            self._evaluated_start = True
+        if self.done():
+            self.stop.set()
+            return
+        record = learner.step(timeout_s=1.0)
+        learner.serve_requests()
+        if record is None:
+            return
+        last = self.done()
+        if lc.eval_every and (learner.version % lc.eval_every == 0 or last):
+            self.evaluate()
+        log.info(
+            "step %d loss %.4f balance %+.2e reward %.3f staleness %.2f",
+            learner.version,
+            record["loss"],
+            record["loss_balance"],
+            record["reward_mean"],
+            record["staleness_mean"],
+        )
+        if last:
+            self.stop.set()
+
+
+def finish(
+    settings: Settings, learner: Learner, model: Any, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """After a clean stop: checkpoint, publish what is unpublished, save the final model."""
+    learner.stop_followers()
+    learner.checkpoint()
+    if learner.published_version < learner.version:
+        learner.publish()
+    final = Path(settings.run_dir) / "final"
+    model.save_pretrained(str(final))
+    tokenizer.save_pretrained(str(final))
+    log.info("learner stopped at version %d; final model in %s", learner.version, final)
+
+
 def run(settings: Settings) -> None:
     """Run the learner until ``learner.max_steps`` (0 = forever) or a signal.
 
-    Configuration mistakes (unknown loss, missing model or task data, unreachable
-    Redis) are logged as one clear line and exit with status 2.
+    Configuration mistakes (unknown loss, a model that does not fit the settings,
+    missing task data, unreachable Redis) are logged as one clear line and exit with
+    status 2; a training loop that dies exits with status 1 (asympo.service).
     """
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        _run(settings)
-    except (ValueError, ModelLoadError, RedisUnavailable) as exc:
-        # ValueError covers TaskError and an unknown loss or advantage name.
-        log.error("learner cannot start: %s", exc)
-        raise SystemExit(2) from exc
-
-
-def _run(settings: Settings) -> None:
+    configure_logging()
     lc = settings.learner
-    needs_behaviour_logprobs(lc.loss)  # an unknown loss name fails here, before any work
-    torch.manual_seed(lc.seed)
-    info = init_distributed(lc.device)
-    device = info.device
-    path = resolve_model_path(settings)
-    model = load_causal_lm(path, settings.model.dtype, str(device)).train()
-    tokenizer = load_tokenizer(path)
-    pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-    trained = wrap_ddp(model, info)
-    if info.rank != 0:
-        steps = follow(settings, trained, info, pad_id)
-        log.info("rank %d: trained %d steps", info.rank, steps)
-        return
-    redis_client = connect(settings.redis_url(), settings.redis.embedded_dir)
-    task = load_task(
-        settings.task.name,
-        settings.task.path,
-        settings.task.seed,
-        settings.task.train_size,
-        settings.task.eval_size,
-    )
-    client = WeightsClient.from_settings(settings)
-    tokens = probe_tokens(int(model.config.vocab_size))
-    writer = MetricsWriter(Path(settings.run_dir) / METRICS_FILE)
-    learner = Learner(
-        settings,
-        redis_client,
-        trained,
-        task=task,
-        publisher=weights_publisher(settings, client, tokens),
-        metrics_writer=writer,
-        pad_id=pad_id,
-        dist_info=info,
-    )
-    http = HttpServer(
-        make_http_app(metrics.REGISTRY, title="asympo learner"),
-        lc.host,
-        lc.http_port,
-    ).start()
-    grpc_server = start_grpc(settings, learner)
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("learner stopping (%s)", signal.Signals(signum).name)
-        learner.stop_event.set()
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-    log.info(
-        "learner: loss=%s version=%d max_staleness=%d groups_per_step=%d device=%s",
-        lc.loss,
-        learner.version,
-        lc.max_staleness,
-        lc.groups_per_step,
-        device,
-    )
-    try:
-        if lc.eval_every and learner.version == 0:
-            acc = held_out_accuracy(settings, model, tokenizer, task)
-            writer.write({"step": 0, "version": 0, "accuracy": acc})
-        while not learner.stop_event.is_set() and (
-            lc.max_steps == 0 or learner.version < lc.max_steps
-        ):
-            record = learner.step(timeout_s=1.0)
-            learner.serve_requests()
-            if record is None:
-                continue
-            last = lc.max_steps != 0 and learner.version >= lc.max_steps
-            if lc.eval_every and (learner.version % lc.eval_every == 0 or last):
-                acc = held_out_accuracy(settings, model, tokenizer, task)
-                writer.write({"step": learner.version, "version": learner.version, "accuracy": acc})
-            log.info(
-                "step %d loss %.4f balance %+.2e reward %.3f staleness %.2f",
-                learner.version,
-                record["loss"],
-                record["loss_balance"],
-                record["reward_mean"],
-                record["staleness_mean"],
-            )
-        learner.stop_followers()
-        learner.checkpoint()
-        if learner.published_version < learner.version:
-            learner.publish()
-        final = Path(settings.run_dir) / "final"
-        model.save_pretrained(str(final))
-        tokenizer.save_pretrained(str(final))
-        log.info("learner stopped at version %d; final model in %s", learner.version, final)
-    finally:
-        grpc_server.stop(grace=1.0)
-        http.stop()
-        client.close()
-        writer.close()
+    with Service("learner") as svc:
+        needs_behaviour_logprobs(lc.loss)  # an unknown loss name fails here, before any work
+        torch.manual_seed(lc.seed)
+        info = init_distributed(lc.device)
+        path = resolve_model_path(settings)
+        task = None
+        if info.rank == 0:
+            t = settings.task
+            task = load_task(t.name, t.path, t.seed, t.train_size, t.eval_size)
+            check_against_model(settings, path, task_prompts(settings, task))
+        model = load_causal_lm(path, settings.model.dtype, str(info.device)).train()
+        tokenizer = load_tokenizer(path)
+        pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        trained = wrap_ddp(model, info)
+        if task is None:
+            steps = follow(settings, trained, info, pad_id)
+            log.info("rank %d: trained %d steps", info.rank, steps)
+            return
+        redis_client = connect(settings.redis_url(), settings.redis.embedded_dir)
+        client = WeightsClient.from_settings(settings)
+        svc.closing(client.close)
+        writer = MetricsWriter(Path(settings.run_dir) / METRICS_FILE)
+        svc.closing(writer.close)
+        probe = probe_tokens(int(model.config.vocab_size))
+        learner = Learner(
+            settings,
+            redis_client,
+            trained,
+            task=task,
+            publisher=weights_publisher(settings, client, probe),
+            metrics_writer=writer,
+            pad_id=pad_id,
+            dist_info=info,
+        )
+        grpc_server = start_grpc(settings, learner)
+        svc.closing(lambda: grpc_server.stop(grace=1.0))
+        svc.http(metrics.REGISTRY, settings, lc.host, lc.http_port)
+        loop = TrainingLoop(settings, learner, model, tokenizer, task, writer, svc.stop)
+        # A step is never cut short: the model is saved only after it ends.
+        svc.loop("learner-loop", loop.step, join_timeout_s=None)
+        log.info(
+            "learner: loss=%s version=%d max_staleness=%d groups_per_step=%d device=%s",
+            *(lc.loss, learner.version, lc.max_staleness, lc.groups_per_step, info.device),
+        )
+        if svc.serve():
+            learner.stop_event.set()
+            finish(settings, learner, model, tokenizer)

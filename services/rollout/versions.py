@@ -46,6 +46,8 @@ class VersionFollower:
         self.refused: set[int] = set()
         self.stop_event = threading.Event()
         self.outcomes: list[SwapOutcome] = []
+        self._caught_up = False
+        self._last_id = "0-0"
 
     @classmethod
     def from_settings(
@@ -95,26 +97,33 @@ class VersionFollower:
         if latest is not None:
             self.apply(latest.version)
 
+    def step(self, block_ms: int = 1000) -> None:
+        """Catch up once, then: block on the weights stream, apply the newest announcement.
+
+        Redis errors propagate: the service's supervised loop retries them.
+        """
+        if not self._caught_up:
+            self.catch_up()
+            self._caught_up = True
+        reply = self.redis.xread({self.stream_key: self._last_id}, count=64, block=block_ms)
+        newest = -1
+        for _key, entries in cast(list[Any], reply or []):
+            for entry_id, fields in entries:
+                self._last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                try:
+                    ann = decode(dict(fields), records_pb2.VersionAnnouncement)
+                except DecodeFailure as exc:
+                    log.error("undecodable weights announcement %s: %s", self._last_id, exc)
+                    continue
+                newest = max(newest, ann.version)
+        if newest > self.swapper.version:
+            self.apply(newest)
+
     def run(self) -> None:
-        """Until stopped: block on the weights stream, apply each newer announcement."""
-        last_id = "0-0"
-        self.catch_up()
+        """Until stopped: ``step`` over and over, riding out Redis errors."""
         while not self.stop_event.is_set():
             try:
-                reply = self.redis.xread({self.stream_key: last_id}, count=64, block=1000)
+                self.step()
             except redis.RedisError as exc:
                 log.warning("weights stream read failed: %s", exc)
                 time.sleep(1.0)
-                continue
-            newest = -1
-            for _key, entries in cast(list[Any], reply or []):
-                for entry_id, fields in entries:
-                    last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                    try:
-                        ann = decode(dict(fields), records_pb2.VersionAnnouncement)
-                    except DecodeFailure as exc:
-                        log.error("undecodable weights announcement %s: %s", last_id, exc)
-                        continue
-                    newest = max(newest, ann.version)
-            if newest > self.swapper.version:
-                self.apply(newest)
