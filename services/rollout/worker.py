@@ -23,7 +23,7 @@ from typing import Any
 import redis
 
 from asympo.config import Settings
-from asympo.engines import Completion, Engine, GenerationRequest
+from asympo.engines import Completion, Engine, EngineError, GenerationRequest, validate_request
 from asympo.streams import Consumer, Delivery, Producer, produce_and_ack_many
 from asympo.v1 import records_pb2
 from services.rollout import metrics
@@ -32,6 +32,8 @@ from services.rollout.swap import WeightSwapper
 log = logging.getLogger(__name__)
 
 PROMPTS_GROUP = "rollout"
+# Dead-letter reason of a prompt no engine call can serve (asympo_dead_letters_total).
+REASON_UNSERVABLE = "unservable"
 
 
 def requests_for(
@@ -55,6 +57,24 @@ def requests_for(
             )
         )
     return reqs
+
+
+def unservable(request: GenerationRequest, max_model_len: int) -> str | None:
+    """Why the engine can never serve ``request`` (None if it can).
+
+    The stricter rule of the two backends: the prompt and ``max_tokens`` must both fit
+    the context (vLLM refuses otherwise; transformers would silently generate less).
+    """
+    try:
+        validate_request(request, max_model_len)
+    except EngineError as exc:
+        return str(exc)
+    if len(request.prompt_tokens) + request.max_tokens > max_model_len:
+        return (
+            f"prompt ({len(request.prompt_tokens)}) + max_tokens ({request.max_tokens}) "
+            f"exceeds the context of {max_model_len} tokens"
+        )
+    return None
 
 
 def build_group(
@@ -140,7 +160,9 @@ class RolloutWorker:
                 return 0
             self.held = [d for d in self.held if d.msg.min_version > version]
             started = time.time()
-            reqs = requests_for([d.msg for d in ready], self.engine)
+            ready, reqs = self._servable(ready, requests_for([d.msg for d in ready], self.engine))
+            if not ready:
+                return 0
             outputs = self.engine.generate(reqs)
         groups = [
             build_group(d.msg, req, comps, version, self.engine_name, self.replica, started)
@@ -158,6 +180,22 @@ class RolloutWorker:
                 metrics.ROLLOUT_GROUPS.inc()
                 metrics.GENERATED_TOKENS.inc(sum(len(s.completion_tokens) for s in group.samples))
         return produced
+
+    def _servable(
+        self, ready: list[Delivery[records_pb2.PromptTask]], reqs: list[GenerationRequest]
+    ) -> tuple[list[Delivery[records_pb2.PromptTask]], list[GenerationRequest]]:
+        """Dead-letter the prompts the engine can never serve; the rest, with their requests.
+
+        One such prompt must not fail the batch, nor (retried) the replica forever.
+        """
+        keep: list[tuple[Delivery[records_pb2.PromptTask], GenerationRequest]] = []
+        for delivery, request in zip(ready, reqs, strict=True):
+            problem = unservable(request, self.engine.max_model_len)
+            if problem is None:
+                keep.append((delivery, request))
+            else:
+                self.prompts.dead_letter(delivery, REASON_UNSERVABLE, problem)
+        return [d for d, _ in keep], [r for _, r in keep]
 
     def _once_key(self, group: records_pb2.RolloutGroup) -> str:
         return self.settings.streams.key(f"once:rollout:{group.group_id}")
