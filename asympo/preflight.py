@@ -56,11 +56,11 @@ def check_against_model(
     that the longest one plus ``sampling.max_tokens`` fits the context. Without
     ``prompts`` (a rollout replica does not own the task) a one-token prompt is assumed.
     """
+    tokenizer = load_tokenizer(model_path)  # first: its errors say what a wrong path is
     try:
         config = AutoConfig.from_pretrained(model_path)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot read the model config of {model_path!r}: {exc}") from exc
-    tokenizer = load_tokenizer(model_path)
     vocab = getattr(config, "vocab_size", None)
     if isinstance(vocab, int) and len(tokenizer) > vocab:
         raise ModelMismatch(

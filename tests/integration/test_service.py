@@ -243,3 +243,44 @@ def test_rollout_serves_the_default_model_and_exits_1_when_its_loop_dies(
         lambda: poison(redis_client, f"{key_prefix}prompts"),
     )
     assert str(cache) in log_path.read_text()  # it served the cached default
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    ("service", "overrides", "needle"),
+    [
+        ("rollout", ["sampling.max_tokens=5000"], "sampling.max_tokens=5000 plus a prompt"),
+        ("learner", ["sampling.max_tokens=5000"], "sampling.max_tokens=5000 plus the longest"),
+        ("rollout", ["model.path=/nonexistent/model"], "no model directory"),
+    ],
+)
+def test_a_service_refuses_settings_its_model_cannot_serve_in_one_line(
+    redis_url: str,
+    tmp_path: Path,
+    service: str,
+    overrides: list[str],
+    needle: str,
+) -> None:
+    """Checked at each service's own start too: a service may be started without `up`."""
+    cache = tmp_path / "models"
+    fake_tiny_cache(cache)
+    argv = [service]
+    for item in (
+        f"model.cache_dir={cache}",
+        f"redis.url={redis_url}",
+        f"{service}.http_port={free_port()}",
+        f"{service}.grpc_port={free_port()}",
+        *overrides,
+    ):
+        argv += ["--set", item]
+    log_path = tmp_path / f"{service}.log"
+    proc = start_service(argv, log_path)
+    try:
+        assert proc.wait(240) == 2, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = log_path.read_text()
+    errors = [line for line in log.splitlines() if f"{service} cannot start" in line]
+    assert len(errors) == 1 and needle in errors[0], log
+    assert "Traceback" not in log
