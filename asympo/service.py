@@ -170,11 +170,10 @@ class Service:
     2; a dead loop becomes exit status 1.
     """
 
-    def __init__(self, name: str, *, ready: Callable[[], bool] = lambda: True) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
         self.stop = threading.Event()
         self.loops: list[SupervisedLoop] = []
-        self._extra_ready = ready
         self._closers = contextlib.ExitStack()
         self._serving = False
         self.stop_reason = ""
@@ -189,8 +188,8 @@ class Service:
         tb: TracebackType | None,
     ) -> None:
         self.stop.set()
-        for loop in self.loops:
-            loop.join(timeout_s=30.0)
+        for loop in self.loops:  # already joined unless the body raised while serving
+            loop.join(timeout_s=loop.join_timeout_s)
         self._closers.close()
         if exc is not None and not self._serving and isinstance(exc, STARTUP_ERRORS):
             log.error("%s cannot start: %s", self.name, exc)
@@ -218,8 +217,8 @@ class Service:
         return loop
 
     def ready(self) -> bool:
-        """Every loop is ready and the service's own readiness check passes."""
-        return all(loop.ready() for loop in self.loops) and bool(self._extra_ready())
+        """Every loop is ready (has stepped, and is not retrying a failure)."""
+        return all(loop.ready() for loop in self.loops)
 
     def live(self) -> bool:
         """No loop has died."""
