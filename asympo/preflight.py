@@ -67,6 +67,7 @@ def check_against_model(
             f"the tokenizer of {model_path} has {len(tokenizer)} tokens but the model's "
             f"embedding holds {vocab}: they do not belong together"
         )
+
     def lost(texts: list[str], encoded: list[list[int]]) -> int | None:
         """Index of the first text its tokens do not give back (unknown characters)."""
         decoded = tokenizer.batch_decode(
