@@ -375,7 +375,14 @@ class Learner:
             (metrics.ACCURACY, "train_accuracy"),
             (metrics.GRAD_NORM, "grad_norm"),
             (metrics.SAMPLES_PER_S, "samples_per_s"),
+            (metrics.UPDATE_NORM.labels(side="positive"), "update_norm_positive"),
+            (metrics.UPDATE_NORM.labels(side="negative"), "update_norm_negative"),
+            (metrics.UPDATE_SHARE_POSITIVE, "update_share_positive"),
+            (metrics.IMPORTANCE_RATIO_MEAN, "ratio_mean"),
+            (metrics.CLIP_FRACTION, "clip_fraction"),
         ):
+            if key not in rec:  # ratio statistics exist only under behaviour-corrected losses
+                continue
             value = float(rec[key])
             gauge.set(value if math.isfinite(value) else float("nan"))
         metrics.SAMPLES.inc(samples)
