@@ -92,6 +92,18 @@ def test_poison_groups_are_dead_lettered_at_intake_and_stay_gone(
     for reason in POISON_REASONS.values():
         assert counted(settings, reason) == before[reason] + 1
     assert not any("poison" in g for g in learner.trained_group_log)
+    # Under a behaviour-corrected loss each step's record and /metrics carry the ratio
+    # statistics, and under every loss the update split.
+    rec = learner.last_record
+    for key, metric, labels in (
+        ("ratio_mean", "asympo_importance_ratio_mean", {}),
+        ("clip_fraction", "asympo_clip_fraction_ratio", {}),
+        ("update_norm_positive", "asympo_update_norm", {"side": "positive"}),
+        ("update_norm_negative", "asympo_update_norm", {"side": "negative"}),
+        ("update_share_positive", "asympo_update_share_positive_ratio", {}),
+    ):
+        assert metrics.REGISTRY.get_sample_value(metric, labels) == rec[key], key
+    assert 0 <= rec["clip_fraction"] <= 1 and rec["ratio_mean"] > 0
 
     # A restart (step 3 was never checkpointed: its entries are still pending) re-reads
     # what it held, and none of it is poison; it goes on to step 4 on good groups only.
