@@ -471,3 +471,35 @@ def test_analytic_logit_gradient_norms_match_autograd(name: str, aggregation: Ag
     analytic = logit_grad_norms(w, lp.detach(), (p * p).sum(-1)) * mask
     torch.testing.assert_close(analytic, reference, rtol=1e-4, atol=1e-7)
     assert reference.sum() > 0
+
+
+def _update_split(
+    name: str, logits: torch.Tensor, targets: torch.Tensor, adv: torch.Tensor
+) -> float:
+    """Positive share of sum_t ||dL/dz_t|| (the learner's update split) on given logits."""
+    logp_all = torch.log_softmax(logits, dim=-1)
+    lp = logp_all.gather(-1, targets[..., None]).squeeze(-1).requires_grad_(True)
+    mask = torch.ones_like(lp, dtype=torch.bool)
+    loss, _ = compute_loss(name, lp, mask, adv)
+    (w,) = torch.autograd.grad(loss, lp)
+    p = logp_all.exp()
+    per_row = logit_grad_norms(w, lp.detach(), (p * p).sum(-1)).sum(dim=1)
+    pos, neg = per_row[adv > 0].sum(), per_row[adv < 0].sum()
+    return float(pos / (pos + neg))
+
+
+def test_asympo_reverses_the_stale_update_imbalance_at_the_logits() -> None:
+    """Stale data: the policy is sure of its positives (NLL ~0.1), not of its negatives (~3).
+
+    REINFORCE's logit update is dominated by the negatives; ASymPO's by the positives (it
+    reverses the imbalance rather than removing it, which is what the learner monitors).
+    """
+    gen = torch.Generator().manual_seed(0)
+    b, t, v = 8, 6, 16
+    targets = torch.randint(0, v, (b, t), generator=gen)
+    adv = torch.tensor([1.0, 1.0, 1.0, 1.0, -1.0, -1.0, -1.0, -1.0])
+    logits = torch.randn(b, t, v, generator=gen)
+    boost = torch.where(adv > 0, 6.0, -1.0)[:, None].expand(b, t)
+    logits = logits.scatter_add(-1, targets[..., None], boost[..., None])
+    assert _update_split("reinforce", logits, targets, adv) < 0.35
+    assert _update_split("asympo", logits, targets, adv) > 0.65
