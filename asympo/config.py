@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -122,6 +122,9 @@ class LearnerSettings(Section):
     clip_eps: float = Field(0.2, gt=0)
     clip_eps_high: float = Field(0.28, gt=0)
     tis_cap: float = Field(2.0, gt=0)
+    clip_ratio_c: float = Field(
+        3.0, ge=0, description="dual-clip bound of grpo/dapo/gspo for A < 0 (> 1; 0 = off)"
+    )
     nll_eps: float = Field(1e-4, gt=0)
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -139,6 +142,13 @@ class LearnerSettings(Section):
     checkpoint_dir: str = "runs/learner"
     seed: int = 0
     device: str = "auto"
+
+    @field_validator("clip_ratio_c")
+    @classmethod
+    def _dual_clip_off_or_above_one(cls, value: float) -> float:
+        if value != 0 and value <= 1:
+            raise ValueError("must be 0 (off) or > 1")
+        return value
 
 
 class TaskSettings(Section):

@@ -57,6 +57,9 @@ class LossConfig:
     clip_eps_high: DAPO's upper clip range (clip-higher): [1-clip_eps, 1+clip_eps_high].
     tis_cap: truncation of the token importance weight in ``tis``.
     nll_eps: ASymPO's floor of the mean NLL it divides by.
+    clip_ratio_c: dual-clip bound of grpo/dapo/gspo (Ye et al. 2020, as in verl): the loss
+        of an ``A < 0`` token (gspo: response) is at most ``-A * clip_ratio_c``, so a stale
+        negative with a huge ratio cannot dominate the step; 0 turns it off, else > 1.
     """
 
     aggregation: Aggregation = "seq-mean"
@@ -65,6 +68,7 @@ class LossConfig:
     clip_eps_high: float = 0.28
     tis_cap: float = 2.0
     nll_eps: float = 1e-4
+    clip_ratio_c: float = 3.0
 
     def __post_init__(self) -> None:
         if self.aggregation not in ("seq-mean", "token-mean"):
@@ -76,6 +80,8 @@ class LossConfig:
         for name in ("clip_eps", "clip_eps_high", "tis_cap", "nll_eps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.clip_ratio_c != 0 and self.clip_ratio_c <= 1:
+            raise ValueError(f"clip_ratio_c must be 0 (off) or > 1, got {self.clip_ratio_c}")
 
 
 @dataclass(frozen=True)
@@ -111,10 +117,11 @@ def _prepare(logprobs: Tensor, mask: Tensor, advantages: Tensor) -> _Batch:
 
 def _behaviour(name: str, behaviour_logprobs: Tensor | None, b: _Batch) -> Tensor:
     if behaviour_logprobs is None:
+        free = ", ".join(n for n, spec in LOSSES.items() if not spec.needs_behaviour)
         raise MissingBehaviourLogprobs(
             f"loss {name!r} needs behaviour log-probs (the sampling policy's per-token "
             "log-probs); ask rollout for them (PromptTask.want_behaviour_logprobs) or use a "
-            f"loss that needs none: {', '.join(n for n in LOSSES if not _NEEDS_BEHAVIOUR[n])}"
+            f"loss that needs none: {free}"
         )
     if behaviour_logprobs.shape != b.logprobs.shape:
         raise ValueError(
@@ -233,17 +240,33 @@ def reinforce_loss(
     return _finish(token_loss, b, cfg.aggregation)
 
 
-def _clipped_surrogate(
-    b: _Batch, blp: Tensor, low: float, high: float
-) -> tuple[Tensor, dict[str, float]]:
-    """PPO token loss ``-min(r*A, clip(r, low, high)*A)`` and its ratio statistics."""
-    ratio = torch.exp(_log_ratio(b.logprobs, blp))
-    adv = b.advantages[:, None]
+def _ppo_clip(
+    ratio: Tensor, adv: Tensor, low: float, high: float, clip_ratio_c: float
+) -> tuple[Tensor, Tensor]:
+    """Dual-clipped PPO loss ``max(-r*A, -clip(r, low, high)*A)``, capped at ``-A*c`` for A < 0.
+
+    Returns the loss and where a clip is active (the gradient through ``r`` is zero there).
+    """
     unclipped = -ratio * adv
     clipped = -ratio.clamp(low, high) * adv
-    token_loss = torch.maximum(unclipped, clipped)
+    loss = torch.maximum(unclipped, clipped)
     # The clipped branch is active (zero gradient) where it is strictly the larger loss.
     active = clipped > unclipped
+    if clip_ratio_c > 0:
+        cap = -adv * clip_ratio_c
+        dual = (adv < 0) & (loss > cap)
+        loss = torch.where(dual, cap.expand_as(loss), loss)
+        active = active | dual
+    return loss, active
+
+
+def _clipped_surrogate(
+    b: _Batch, blp: Tensor, low: float, high: float, clip_ratio_c: float
+) -> tuple[Tensor, dict[str, float]]:
+    """Token-level dual-clipped PPO loss and its ratio statistics."""
+    ratio = torch.exp(_log_ratio(b.logprobs, blp))
+    adv = b.advantages[:, None].expand_as(ratio)
+    token_loss, active = _ppo_clip(ratio, adv, low, high, clip_ratio_c)
     return token_loss, _ratio_stats(ratio, active, b.mask)
 
 
@@ -254,10 +277,15 @@ def grpo_loss(
     behaviour_logprobs: Tensor | None,
     cfg: LossConfig,
 ) -> tuple[Tensor, dict[str, float]]:
-    """GRPO/PPO: ``ell = -min(r*A, clip(r, 1-eps, 1+eps)*A)``, ``r = exp(lp - lp_behaviour)``."""
+    """GRPO/PPO: ``ell = -min(r*A, clip(r, 1-eps, 1+eps)*A)``, ``r = exp(lp - lp_behaviour)``.
+
+    With dual-clip (``clip_ratio_c = c > 0``) an ``A < 0`` token's loss is ``min(ell, -c*A)``.
+    """
     b = _prepare(logprobs, mask, advantages)
     blp = _behaviour("grpo", behaviour_logprobs, b)
-    token_loss, extra = _clipped_surrogate(b, blp, 1 - cfg.clip_eps, 1 + cfg.clip_eps)
+    token_loss, extra = _clipped_surrogate(
+        b, blp, 1 - cfg.clip_eps, 1 + cfg.clip_eps, cfg.clip_ratio_c
+    )
     return _finish(token_loss, b, cfg.aggregation, extra)
 
 
@@ -268,10 +296,12 @@ def dapo_loss(
     behaviour_logprobs: Tensor | None,
     cfg: LossConfig,
 ) -> tuple[Tensor, dict[str, float]]:
-    """DAPO: clip-higher ``clip(r, 1-clip_eps, 1+clip_eps_high)``, always token-mean."""
+    """DAPO: clip-higher ``clip(r, 1-clip_eps, 1+clip_eps_high)``, dual-clip, always token-mean."""
     b = _prepare(logprobs, mask, advantages)
     blp = _behaviour("dapo", behaviour_logprobs, b)
-    token_loss, extra = _clipped_surrogate(b, blp, 1 - cfg.clip_eps, 1 + cfg.clip_eps_high)
+    token_loss, extra = _clipped_surrogate(
+        b, blp, 1 - cfg.clip_eps, 1 + cfg.clip_eps_high, cfg.clip_ratio_c
+    )
     return _finish(token_loss, b, "token-mean", extra)
 
 
@@ -286,16 +316,18 @@ def gspo_loss(
 
     ``L_i = -min(s_i*A_i, clip(s_i, 1-eps, 1+eps)*A_i)`` is given to each of the response's
     tokens, so seq-mean averages ``L_i`` and token-mean weights it by the response length.
+    Dual-clip (``clip_ratio_c = c > 0``) caps ``L_i`` at ``-c*A_i`` for ``A_i < 0``, per
+    response (verl applies it to the token-level ratio losses only).
     """
     b = _prepare(logprobs, mask, advantages)
     blp = _behaviour("gspo", behaviour_logprobs, b)
     mean_log_ratio = ((b.logprobs - blp) * b.mask).sum(dim=1) / b.lengths.clamp(min=1.0)
     ratio = torch.exp(mean_log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
-    unclipped = -ratio * b.advantages
-    clipped = -ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * b.advantages
-    seq_loss = torch.maximum(unclipped, clipped)
+    seq_loss, active = _ppo_clip(
+        ratio, b.advantages, 1 - cfg.clip_eps, 1 + cfg.clip_eps, cfg.clip_ratio_c
+    )
     token_loss = seq_loss[:, None].expand_as(b.logprobs)
-    extra = _ratio_stats(ratio, clipped > unclipped, b.lengths > 0)
+    extra = _ratio_stats(ratio, active, b.lengths > 0)
     return _finish(token_loss, b, cfg.aggregation, extra)
 
 
@@ -316,36 +348,63 @@ def tis_loss(
     return _finish(token_loss, b, cfg.aggregation, extra)
 
 
-LOSSES: dict[str, LossFn] = {
-    "asympo": asympo_loss,
-    "spo": spo_loss,
-    "reinforce": reinforce_loss,
-    "grpo": grpo_loss,
-    "dapo": dapo_loss,
-    "gspo": gspo_loss,
-    "tis": tis_loss,
+def logit_grad_norms(token_weight: Tensor, logprobs: Tensor, sum_p2: Tensor) -> Tensor:
+    """``[B, T]`` norms ``||dL/dz_t||`` of the loss gradient w.r.t. each token's logits.
+
+    ``token_weight`` ``[B, T]`` is ``w_t = dL/dlog p(y_t)`` (for ASymPO
+    ``-A_i / (n_i max(m_i, eps))`` under seq-mean; for the ratio losses it carries the
+    ratio and the clip), ``logprobs`` the token log-probs ``log p(y_t)``, ``sum_p2`` the
+    softmax's ``sum_v p_v^2`` at each position. Since ``dlog p_y/dz = e_y - p``,
+    ``dL/dz_t = w_t (e_y - p)`` and its norm is ``|w_t| sqrt(sum p^2 - 2 p_y + 1)``: no
+    vocabulary-sized tensor is needed beyond the softmax the step already computes.
+    """
+    p_y = logprobs.detach().exp()
+    return token_weight.detach().abs() * (sum_p2 - 2 * p_y + 1).clamp(min=0).sqrt()
+
+
+RatioUnit = Literal["token", "response"]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """Everything the rest of the system knows about one loss, in one place.
+
+    fn: the pure loss function (signature in the module docstring).
+    needs_behaviour: it reads the sampling policy's per-token log-probs.
+    aggregation: the aggregation it always uses (``dapo``: token-mean), or None when it
+        follows ``LossConfig.aggregation``.
+    ratio_unit: what its ``ratio_mean``/``clip_fraction`` are averaged over (a token's
+        ratio, or one sequence ratio per response); None when it has no ratio.
+    """
+
+    fn: LossFn
+    needs_behaviour: bool = False
+    aggregation: Aggregation | None = None
+    ratio_unit: RatioUnit | None = None
+
+
+LOSSES: dict[str, LossSpec] = {
+    "asympo": LossSpec(asympo_loss),
+    "spo": LossSpec(spo_loss),
+    "reinforce": LossSpec(reinforce_loss),
+    "grpo": LossSpec(grpo_loss, needs_behaviour=True, ratio_unit="token"),
+    "dapo": LossSpec(dapo_loss, needs_behaviour=True, aggregation="token-mean", ratio_unit="token"),
+    "gspo": LossSpec(gspo_loss, needs_behaviour=True, ratio_unit="response"),
+    "tis": LossSpec(tis_loss, needs_behaviour=True, ratio_unit="token"),
 }
 DEFAULT_LOSS = "asympo"
-_NEEDS_BEHAVIOUR: dict[str, bool] = {
-    "asympo": False,
-    "spo": False,
-    "reinforce": False,
-    "grpo": True,
-    "dapo": True,
-    "gspo": True,
-    "tis": True,
-}
 
 
-def _check_name(name: str) -> None:
+def loss_spec(name: str) -> LossSpec:
+    """The :class:`LossSpec` of loss ``name`` (ValueError naming the known ones if unknown)."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(sorted(LOSSES))}")
+    return LOSSES[name]
 
 
 def needs_behaviour_logprobs(name: str) -> bool:
     """Whether loss ``name`` needs the sampling policy's per-token log-probs."""
-    _check_name(name)
-    return _NEEDS_BEHAVIOUR[name]
+    return loss_spec(name).needs_behaviour
 
 
 def loss_aggregation(name: str, cfg: LossConfig) -> Aggregation:
@@ -354,8 +413,7 @@ def loss_aggregation(name: str, cfg: LossConfig) -> Aggregation:
     Gradient accumulation needs it: a micro-batch's loss is re-weighted by its share of
     responses (seq-mean) or of tokens (token-mean) so the sum equals the full-batch loss.
     """
-    _check_name(name)
-    return "token-mean" if name == "dapo" else cfg.aggregation
+    return loss_spec(name).aggregation or cfg.aggregation
 
 
 def compute_loss(
@@ -367,5 +425,4 @@ def compute_loss(
     cfg: LossConfig | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Apply registered loss ``name`` (shapes as in the module docstring); see LOSSES."""
-    _check_name(name)
-    return LOSSES[name](logprobs, mask, advantages, behaviour_logprobs, cfg or LossConfig())
+    return loss_spec(name).fn(logprobs, mask, advantages, behaviour_logprobs, cfg or LossConfig())

@@ -4,6 +4,10 @@ Used by the learner service and by offline experiments alike. The step is a func
 (model, optimiser, batch of groups, config); its only side effects are the parameter
 update and, under torch.distributed, the gradient all-reduce.
 
+Empty responses (no completion token) are dropped before the advantages are computed:
+a row without tokens has no loss, so keeping its reward in the others' advantages would
+leave the group summing to ``-A_empty`` instead of zero.
+
 Sequences are ``prompt + completion`` right-padded to the micro-batch's longest; the loss
 mask covers completion tokens only. Micro-batch losses are weighted by their share of the
 batch's responses (seq-mean) or tokens (token-mean) — counted over all ranks — so the
@@ -27,8 +31,9 @@ from asympo.losses import (
     LossConfig,
     MissingBehaviourLogprobs,
     compute_loss,
+    logit_grad_norms,
     loss_aggregation,
-    needs_behaviour_logprobs,
+    loss_spec,
 )
 from asympo.v1 import records_pb2
 
@@ -109,6 +114,43 @@ class StepConfig:
     temperature: float = 1.0  # logits are divided by it, as the sampler did
 
 
+# Why a group cannot be trained (the ``reason`` label of asympo_dead_letters_total).
+REASON_NO_BEHAVIOUR = "missing_behaviour_logprobs"
+REASON_BAD_BEHAVIOUR = "non_finite_behaviour_logprobs"
+REASON_NO_TOKENS = "no_completion_tokens"
+REASON_TOO_FEW = "too_few_responses"
+REASON_BAD_REWARD = "non_finite_reward"
+REASON_BAD_TOKEN = "token_out_of_vocabulary"
+
+
+def untrainable_reason(
+    group: TrainGroup, cfg: StepConfig, vocab_size: int | None = None
+) -> tuple[str, str] | None:
+    """``(reason, detail)`` if :func:`train_step` cannot train ``group`` under ``cfg``, else None.
+
+    The learner asks at intake, so such a group is dead-lettered instead of failing a step
+    (and, after a restart, failing the same step again forever).
+    """
+    gid = group.group_id
+    if loss_spec(cfg.loss).needs_behaviour:
+        if group.behaviour_logprobs is None:
+            return REASON_NO_BEHAVIOUR, f"group {gid!r}: loss {cfg.loss!r} needs them"
+        if not all(math.isfinite(x) for row in group.behaviour_logprobs for x in row):
+            return REASON_BAD_BEHAVIOUR, f"group {gid!r}"
+    if not all(math.isfinite(r) for r in group.rewards):
+        return REASON_BAD_REWARD, f"group {gid!r}: rewards {group.rewards}"
+    nonempty = sum(1 for c in group.completions if c)
+    if nonempty == 0:
+        return REASON_NO_TOKENS, f"group {gid!r}: every response is empty"
+    if cfg.advantage == "rloo" and nonempty < 2:
+        return REASON_TOO_FEW, f"group {gid!r}: rloo needs >= 2 non-empty responses"
+    if vocab_size is not None:
+        ids = group.prompt_tokens + [t for c in group.completions for t in c]
+        if min(ids) < 0 or max(ids) >= vocab_size:
+            return REASON_BAD_TOKEN, f"group {gid!r}: ids outside [0, {vocab_size})"
+    return None
+
+
 @dataclass(frozen=True)
 class _Sequence:
     tokens: list[int]
@@ -118,20 +160,26 @@ class _Sequence:
 
 
 def flatten_groups(groups: Sequence[TrainGroup], cfg: StepConfig) -> tuple[list[_Sequence], int]:
-    """One sequence per sample with its advantage, and the number of all-equal groups."""
+    """One sequence per non-empty sample with its advantage, and the number of flat groups.
+
+    Empty samples are dropped before the advantages, so every group stays zero-sum.
+    """
     seqs: list[_Sequence] = []
     flat_groups = 0
     for g in groups:
-        adv, flat = compute_advantages(
-            cfg.advantage, torch.tensor([g.rewards], dtype=torch.float64), cfg.advantage_eps
-        )
+        keep = [i for i, c in enumerate(g.completions) if c]
+        if not keep:
+            continue
+        rewards = torch.tensor([[g.rewards[i] for i in keep]], dtype=torch.float64)
+        adv, flat = compute_advantages(cfg.advantage, rewards, cfg.advantage_eps)
         flat_groups += flat
-        for i, completion in enumerate(g.completions):
+        for j, i in enumerate(keep):
+            completion = g.completions[i]
             seqs.append(
                 _Sequence(
                     tokens=g.prompt_tokens + completion,
                     prompt_len=len(g.prompt_tokens),
-                    advantage=float(adv[0, i]),
+                    advantage=float(adv[0, j]),
                     behaviour=g.behaviour_logprobs[i] if g.behaviour_logprobs else None,
                 )
             )
@@ -181,7 +229,8 @@ def _logprobs_and_entropy(
     attention_mask: Tensor,
     temperature: float = 1.0,
     with_entropy: bool = False,
-) -> tuple[Tensor, Tensor | None]:
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Token log-probs ``[B, L]`` and, ``with_entropy``, entropy and ``sum_v p_v^2`` ``[B, L]``."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
     if temperature != 1.0:
         logits = logits / temperature
@@ -190,16 +239,19 @@ def _logprobs_and_entropy(
     # Position 0 has no prediction; a zero column keeps the result aligned with input_ids.
     zero = torch.zeros_like(picked[:, :1])
     logprobs = torch.cat([zero, picked], dim=1)
-    entropy = None
+    entropy = sum_p2 = None
     if with_entropy:
         # One row at a time: a [B, L, V] float32 softmax is the largest tensor otherwise.
+        # sum p^2 rides along (one more reduction): it gives the logit-gradient norms.
         with torch.no_grad():
-            rows = []
+            rows, sq = [], []
             for row_logits, row_lse in zip(logits.detach(), lse.detach(), strict=True):
                 probs = torch.softmax(row_logits, dim=-1)
                 rows.append(row_lse - (probs * row_logits).sum(dim=-1))
+                sq.append((probs * probs).sum(dim=-1))
             entropy = torch.cat([zero.detach(), torch.stack(rows)], dim=1)
-    return logprobs, entropy
+            sum_p2 = torch.cat([zero.detach(), torch.stack(sq)], dim=1)
+    return logprobs, entropy, sum_p2
 
 
 def token_logprobs(
@@ -246,6 +298,8 @@ _SUM_KEYS = (
     "clip_sum",
     "ratio_sum",
     "ratio_units",
+    "update_norm_positive",
+    "update_norm_negative",
     "flat_groups",
     "groups",
     "reward_sum",
@@ -266,18 +320,26 @@ def train_step(
     last skip the gradient sync. Returns statistics over the whole batch (all ranks):
     loss, loss_positive, loss_negative, loss_balance, nll_positive, nll_negative,
     entropy (mean over completion tokens, nats), grad_norm (before clipping),
-    zero_adv_groups, groups, samples, tokens, reward_mean, and clip_fraction /
-    ratio_mean / ratio_max for behaviour-corrected losses.
-    Raises MissingBehaviourLogprobs if the loss needs behaviour log-probs that are absent.
+    update_norm_positive / update_norm_negative / update_share_positive (the update split
+    at the logits, see :func:`asympo.losses.logit_grad_norms`), zero_adv_groups, groups,
+    samples, tokens, reward_mean, and clip_fraction / ratio_mean / ratio_max for
+    behaviour-corrected losses.
+    Raises MissingBehaviourLogprobs if the loss needs behaviour log-probs that are absent,
+    ValueError for any other group :func:`untrainable_reason` rejects.
     """
     if cfg.micro_batch < 1:
         raise ValueError(f"micro_batch must be >= 1, got {cfg.micro_batch}")
-    needs_behaviour = needs_behaviour_logprobs(cfg.loss)
-    if needs_behaviour and any(g.behaviour_logprobs is None for g in groups):
-        raise MissingBehaviourLogprobs(
-            f"loss {cfg.loss!r} needs behaviour log-probs but some groups have none "
-            "(set want_behaviour_logprobs on admitted prompts)"
-        )
+    spec = loss_spec(cfg.loss)
+    needs_behaviour = spec.needs_behaviour
+    for g in groups:
+        bad = untrainable_reason(g, cfg)
+        if bad is not None and bad[0] == REASON_NO_BEHAVIOUR:
+            raise MissingBehaviourLogprobs(
+                f"loss {cfg.loss!r} needs behaviour log-probs but some groups have none "
+                "(set want_behaviour_logprobs on admitted prompts)"
+            )
+        if bad is not None:
+            raise ValueError(f"untrainable group ({bad[0]}): {bad[1]}")
     world, _ = _world()
     aggregation = loss_aggregation(cfg.loss, cfg.loss_cfg)
     device = next(model.parameters()).device
@@ -290,7 +352,9 @@ def train_step(
     sums = dict.fromkeys(_SUM_KEYS, 0.0)
     sums["flat_groups"] = float(flat_groups)
     sums["groups"] = float(len(groups))
-    sums["reward_sum"] = float(sum(sum(g.rewards) for g in groups))
+    sums["reward_sum"] = float(
+        sum(r for g in groups for r, c in zip(g.rewards, g.completions, strict=True) if c)
+    )
     ratio_max = 0.0
     model.train()
     optimizer.zero_grad(set_to_none=True)
@@ -306,12 +370,15 @@ def train_step(
             else contextlib.nullcontext()
         )
         with ctx:
-            logprobs, entropy = _logprobs_and_entropy(
+            logprobs, entropy, sum_p2 = _logprobs_and_entropy(
                 model, mb.input_ids, mb.attention_mask, cfg.temperature, with_entropy=True
             )
+            # The loss sees a detached copy, so its backward yields w = dL/dlog p per token
+            # (the token weight of every loss, ratio-weighted ones included) before the model.
+            lp = logprobs.detach().requires_grad_(True)
             loss, stats = compute_loss(
                 cfg.loss,
-                logprobs,
+                lp,
                 mb.completion_mask,
                 mb.advantages,
                 mb.behaviour_logprobs if needs_behaviour else None,
@@ -323,7 +390,13 @@ def train_step(
             # DDP averages gradients over ranks; multiplying by world undoes that.
             weight = units / units_total_f * world
             (loss * weight).backward()
-        assert entropy is not None
+            assert lp.grad is not None and entropy is not None and sum_p2 is not None
+            logprobs.backward(lp.grad)
+        # The full-batch token weight is lp.grad / world (the DDP factor is not part of L).
+        norms = logit_grad_norms(lp.grad / world, lp.detach(), sum_p2) * mb.completion_mask
+        per_row = norms.sum(dim=1)
+        sums["update_norm_positive"] += float(per_row[mb.advantages > 0].sum().item())
+        sums["update_norm_negative"] += float(per_row[mb.advantages < 0].sum().item())
         sums["loss"] += stats["loss"] * units / units_total_f
         sums["loss_positive"] += stats["loss_positive"]
         sums["loss_negative"] += stats["loss_negative"]
@@ -335,7 +408,7 @@ def train_step(
         sums["tokens"] += n_tokens
         sums["responses"] += float(len(part))
         if "clip_fraction" in stats:
-            ratio_units = n_resp if cfg.loss == "gspo" else n_tokens
+            ratio_units = n_resp if spec.ratio_unit == "response" else n_tokens
             sums["clip_sum"] += stats["clip_fraction"] * ratio_units
             sums["ratio_sum"] += stats["ratio_mean"] * ratio_units
             sums["ratio_units"] += ratio_units
@@ -382,6 +455,14 @@ def _summarise(
         "samples": t["responses"],
         "tokens": t["tokens"],
         "reward_mean": _div(t["reward_sum"], t["responses"]),
+        "update_norm_positive": t["update_norm_positive"],
+        "update_norm_negative": t["update_norm_negative"],
+        # 0.5 when nothing moves: no side dominates an empty update.
+        "update_share_positive": _div(
+            t["update_norm_positive"], t["update_norm_positive"] + t["update_norm_negative"]
+        )
+        if t["update_norm_positive"] + t["update_norm_negative"] > 0
+        else 0.5,
     }
     if with_ratio:
         out["clip_fraction"] = _div(t["clip_sum"], t["ratio_units"])

@@ -11,8 +11,13 @@ Conventions shared by both backends:
   is their decoding with special tokens skipped and cut *before* the stop string.
 * ``finish_reason`` is ``"stop"`` (EOS or a stop string) or ``"length"`` (max tokens).
 * ``Completion.logprobs`` (only when ``GenerationRequest.logprobs``) are the behaviour
-  log-probs of each generated token under the model's distribution at temperature 1
-  (the raw model output, before temperature/top-p), one per entry of ``tokens``.
+  log-probs of each generated token under the distribution it was really drawn from:
+  logits divided by the temperature, restricted to the top-p nucleus and renormalised
+  (vLLM's ``processed_logprobs``); at temperature 0, the raw model's. One per entry of
+  ``tokens``. The learner divides its logits by the same temperature, so on fresh data
+  the importance ratio is exactly 1; it does not model top-p, so keep ``top_p = 1`` for
+  the behaviour-corrected losses (with ``top_p < 1`` the ratio of a fresh token is the
+  nucleus mass, <= 1).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ it thread-safe: generation and weight loads never interleave inside one call.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,21 +29,41 @@ from asympo.engines.base import (
 from asympo.model.loading import load_causal_lm, load_tokenizer
 
 
+def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """``[V]`` log-probs of the distribution a token is drawn from (what vLLM calls processed).
+
+    Logits divided by ``temperature``, then restricted to the nucleus (the smallest prefix
+    of the sorted probabilities whose mass reaches ``top_p``, always at least one token)
+    and renormalised; ``-inf`` outside it. At temperature 0 (greedy) the raw model's.
+    """
+    logp = torch.log_softmax(logits.float() / (temperature or 1.0), dim=-1)
+    if top_p < 1.0 and temperature != 0:
+        sorted_logp, order = torch.sort(logp, descending=True)
+        sorted_p = sorted_logp.exp()
+        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < top_p
+        kept = torch.full_like(logp, -math.inf)
+        kept[order[keep]] = sorted_logp[keep]
+        logp = kept - torch.logsumexp(kept, dim=-1)
+    return logp
+
+
 def sample_token(
     logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
 ) -> int:
     """One token id from ``logits`` ``[V]``: argmax at temperature 0, else nucleus sampling."""
+    return sample_token_with_logprob(logits, temperature, top_p, generator)[0]
+
+
+def sample_token_with_logprob(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> tuple[int, float]:
+    """A token as :func:`sample_token` draws it, and its log-prob under that distribution."""
+    logp = sampling_logprobs(logits, temperature, top_p)
     if temperature == 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p
-        filtered = torch.zeros_like(probs)
-        filtered[order[keep]] = sorted_probs[keep]
-        probs = filtered / filtered.sum()
-    return int(torch.multinomial(probs, 1, generator=generator))
+        token = int(torch.argmax(logits))
+    else:
+        token = int(torch.multinomial(logp.exp(), 1, generator=generator))
+    return token, float(logp[token])
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
@@ -93,9 +114,11 @@ class HFEngine(TokenizerText):
         text, reason = "", "length"
         for _ in range(max_tokens):
             logits = out.logits[0, -1].float().cpu()
-            token = sample_token(logits, request.temperature, request.top_p, generator)
+            token, logprob = sample_token_with_logprob(
+                logits, request.temperature, request.top_p, generator
+            )
             tokens.append(token)
-            logprobs.append(float(torch.log_softmax(logits, dim=-1)[token]))
+            logprobs.append(logprob)
             text, stopped = cut_at_stop(self.decode(tokens), request.stop)
             if token == eos or stopped:
                 reason = "stop"

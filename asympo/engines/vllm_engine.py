@@ -86,6 +86,9 @@ class VLLMEngine(TokenizerText):
             "worker_extension_cls": WORKER_EXTENSION,
             "distributed_executor_backend": "uni",
             "enable_prefix_caching": True,
+            # Behaviour log-probs of the distribution really sampled (after temperature and
+            # top-p), not of the raw model: the learner's importance ratios depend on it.
+            "logprobs_mode": "processed_logprobs",
         }
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len

@@ -44,6 +44,9 @@ class CellSummary:
     reward_mean: float
     signal_fraction: float
     final_entropy: float
+    update_norm_positive: float = math.nan
+    update_norm_negative: float = math.nan
+    update_share_positive: float = math.nan
 
 
 def _weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
@@ -79,7 +82,16 @@ def summarise_cell(runs: Sequence[RunResult], warm_accuracy: float) -> CellSumma
         signal_fraction=1.0
         - sum(s["zero_adv_groups"] for s in steps) / max(sum(s["groups"] for s in steps), 1.0),
         final_entropy=statistics.fmean(r.steps[-1]["entropy"] for r in runs),
+        update_norm_positive=_mean_of(steps, "update_norm_positive"),
+        update_norm_negative=_mean_of(steps, "update_norm_negative"),
+        update_share_positive=_mean_of(steps, "update_share_positive"),
     )
+
+
+def _mean_of(steps: Sequence[dict[str, float]], key: str) -> float:
+    """Mean of ``key`` over the steps (NaN for runs recorded before it existed)."""
+    values = [s[key] for s in steps if key in s]
+    return statistics.fmean(values) if values else math.nan
 
 
 def summarise(runs: Sequence[RunResult], warm_accuracy: float) -> list[CellSummary]:
@@ -111,8 +123,8 @@ def markdown_table(cells: Sequence[CellSummary], warm_accuracy: float) -> str:
     head = (
         "| staleness k | loss | final accuracy (mean ± std) | Δ vs warm start | collapsed "
         "| mean \\|balance\\| | \\|balance\\| / scale | NLL⁺ | NLL⁻ | NLL⁻ / NLL⁺ "
-        "| reward | groups with signal |\n"
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| ‖∂L/∂z‖⁺ | ‖∂L/∂z‖⁻ | update share⁺ | reward | groups with signal |\n"
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     rows = []
     for c in sorted(cells, key=lambda c: (c.staleness, _loss_order(c.loss))):
@@ -122,6 +134,8 @@ def markdown_table(cells: Sequence[CellSummary], warm_accuracy: float) -> str:
             f"{c.final_accuracy_std:.3f} | {c.final_accuracy_mean - warm_accuracy:+.3f} "
             f"| {c.collapsed}/{c.seeds} | {c.mean_abs_balance:.2e} | {c.mean_rel_balance:.2e} "
             f"| {_fmt(c.nll_positive)} | {_fmt(c.nll_negative)} | {_fmt(ratio, 2)} "
+            f"| {_fmt(c.update_norm_positive, 4)} | {_fmt(c.update_norm_negative, 4)} "
+            f"| {_fmt(c.update_share_positive, 2)} "
             f"| {c.reward_mean:.3f} | {c.signal_fraction:.1%} |"
         )
     return head + "\n".join(rows) + "\n"
@@ -343,7 +357,11 @@ Reproduce:
 *collapsed*: seeds whose final accuracy is below the warm start's. *balance*: the
 learner's `loss_balance` = Σ_(A>0) L_i + Σ_(A<0) L_i per step (per-response losses,
 sequence-mean); *scale*: |Σ_(A>0) L_i| + |Σ_(A<0) L_i|. *NLL⁺ / NLL⁻*: mean per-token NLL
-under the current policy of positive / negative-advantage responses. *reward*: mean
+under the current policy of positive / negative-advantage responses. *‖∂L/∂z‖⁺ / ‖∂L/∂z‖⁻*:
+mean per step of the loss gradient's norm at the logits summed over the tokens of positive
+/ negative-advantage responses (the update split: how hard each side pulls the policy;
+the balance above is zero by construction under ASymPO, this is not); *update share⁺*:
+the positive side's share of their sum (0.5 = balanced). *reward*: mean
 reward of the trained samples; *groups with signal*: share of groups whose rewards are not
 all equal (the others have zero advantage and train nothing).
 

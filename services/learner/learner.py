@@ -36,7 +36,13 @@ from asympo.losses import LossConfig
 from asympo.run_log import MetricsWriter
 from asympo.streams import Consumer, DecodeFailure, Delivery, decode
 from asympo.tasks import Task
-from asympo.training import StepConfig, TrainGroup, group_from_scored, train_step
+from asympo.training import (
+    StepConfig,
+    TrainGroup,
+    group_from_scored,
+    train_step,
+    untrainable_reason,
+)
 from asympo.v1 import records_pb2
 from services.learner import metrics
 from services.learner.admission import Admitter
@@ -77,6 +83,7 @@ def step_config(settings: Settings) -> StepConfig:
             clip_eps_high=lc.clip_eps_high,
             tis_cap=lc.tis_cap,
             nll_eps=lc.nll_eps,
+            clip_ratio_c=lc.clip_ratio_c,
         ),
         advantage=lc.advantage,
         micro_batch=lc.micro_batch,
@@ -124,6 +131,9 @@ class Learner:
         self.writer = metrics_writer
         self.pad_id = pad_id
         self.cfg = step_config(settings)
+        inner = getattr(model, "module", model)  # the model itself under DDP
+        vocab = getattr(getattr(inner, "config", None), "vocab_size", None)
+        self.vocab_size: int | None = int(vocab) if vocab is not None else None
         self.optimizer, self.scheduler = make_optimizer(model, settings)
         self.admitter = Admitter(settings, redis_client, task) if task is not None else None
         self.consumer = Consumer.from_settings(
@@ -213,6 +223,13 @@ class Learner:
             group = group_from_scored(delivery.msg)
         except ValueError as exc:
             self.consumer.dead_letter(delivery, "invalid_group", str(exc))
+            return
+        # A group the step would reject must never reach it: it would fail every step,
+        # and after a restart the same pending entry would fail it again, forever.
+        bad = untrainable_reason(group, self.cfg, self.vocab_size)
+        if bad is not None:
+            log.warning("dead-lettering untrainable group (%s): %s", *bad)
+            self.consumer.dead_letter(delivery, *bad)
             return
         correct = sum(1 for s in delivery.msg.scores if s.reason == "correct")
         self.held_ids.add(delivery.entry_id)
@@ -358,7 +375,14 @@ class Learner:
             (metrics.ACCURACY, "train_accuracy"),
             (metrics.GRAD_NORM, "grad_norm"),
             (metrics.SAMPLES_PER_S, "samples_per_s"),
+            (metrics.UPDATE_NORM.labels(side="positive"), "update_norm_positive"),
+            (metrics.UPDATE_NORM.labels(side="negative"), "update_norm_negative"),
+            (metrics.UPDATE_SHARE_POSITIVE, "update_share_positive"),
+            (metrics.IMPORTANCE_RATIO_MEAN, "ratio_mean"),
+            (metrics.CLIP_FRACTION, "clip_fraction"),
         ):
+            if key not in rec:  # ratio statistics exist only under behaviour-corrected losses
+                continue
             value = float(rec[key])
             gauge.set(value if math.isfinite(value) else float("nan"))
         metrics.SAMPLES.inc(samples)

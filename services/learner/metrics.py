@@ -20,7 +20,34 @@ STALENESS = Histogram(
 )
 LOSS = Gauge("asympo_loss", "Loss of the last step", registry=REGISTRY)
 LOSS_BALANCE = Gauge(
-    "asympo_loss_balance", "Summed loss of positive plus negative responses", registry=REGISTRY
+    "asympo_loss_balance",
+    "Summed loss values of positive plus negative responses (a value balance, not a force "
+    "balance: zero by construction under ASymPO; see asympo_update_norm)",
+    registry=REGISTRY,
+)
+UPDATE_NORM = Gauge(
+    "asympo_update_norm",
+    "Last step's ||dL/dlogits|| summed over the completion tokens of positive- or "
+    "negative-advantage responses: how hard each side pulls the policy",
+    ("side",),
+    registry=REGISTRY,
+)
+UPDATE_SHARE_POSITIVE = Gauge(
+    "asympo_update_share_positive_ratio",
+    "Positive side's share of the last step's logit-gradient norm (0.5 = balanced; "
+    "near 1 for long = one-sided, an early sign of entropy collapse)",
+    registry=REGISTRY,
+)
+IMPORTANCE_RATIO_MEAN = Gauge(
+    "asympo_importance_ratio_mean",
+    "Mean ratio pi_current / pi_behaviour of the last step (behaviour-corrected losses; "
+    "1 on fresh data)",
+    registry=REGISTRY,
+)
+CLIP_FRACTION = Gauge(
+    "asympo_clip_fraction_ratio",
+    "Share of ratios (tokens, or responses under gspo) clipped or truncated in the last step",
+    registry=REGISTRY,
 )
 LOSS_POSITIVE = Gauge(
     "asympo_loss_positive", "Summed loss of positive-advantage responses", registry=REGISTRY

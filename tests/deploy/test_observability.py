@@ -182,6 +182,8 @@ def test_first_row_is_staleness_and_loss_balance() -> None:
     assert any(all(m in e for m in ("asympo_loss_balance", "asympo_loss_positive",
                                     "asympo_loss_negative")) for e in exprs), (
         "first row: loss balance with its positive and negative parts")
+    assert any(all(m in e for m in ("asympo_update_norm", "asympo_update_share_positive_ratio"))
+               for e in exprs), "first row: the update split at the logits and its share"
 
 
 def test_dashboard_covers_every_area() -> None:
@@ -190,7 +192,8 @@ def test_dashboard_covers_every_area() -> None:
                    "asympo_generated_tokens_total", "asympo_learner_samples_total",
                    "asympo_weight_swap_seconds_bucket", "asympo_probe_mismatch_total",
                    "asympo_stream_lag_entries", "asympo_dead_letters_total",
-                   "asympo_policy_entropy_nats", "asympo_policy_version"):
+                   "asympo_policy_entropy_nats", "asympo_policy_version",
+                   "asympo_importance_ratio_mean", "asympo_clip_fraction_ratio"):
         assert metric in text, f"dashboard misses {metric}"
     panels = dashboard()["panels"]
     assert len({p["id"] for p in panels}) == len(panels), "panel ids must be unique"
@@ -209,7 +212,7 @@ def test_alert_rules() -> None:
         if "for" in rule:
             assert re.fullmatch(r"\d+[smh]", rule["for"]), rule["alert"]
     assert {"AsympoStalenessAboveBound", "AsympoLossBalanceDrift", "AsympoProbeMismatch",
-            "AsympoStreamLagGrowing", "AsympoServiceDown"} <= names
+            "AsympoStreamLagGrowing", "AsympoServiceDown", "AsympoOneSidedUpdate"} <= names
     # The staleness bound is the learner's configured default, not a second copy of it.
     stale = next(r for r in rules if r["alert"] == "AsympoStalenessAboveBound")
     bound = re.search(r">\s*(\d+)\s*$", stale["expr"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -10,7 +11,15 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from asympo.losses import LossConfig, MissingBehaviourLogprobs
 from asympo.probe import make_probe, probe_logprobs, probe_tokens
-from asympo.training import StepConfig, TrainGroup, group_from_scored, token_logprobs, train_step
+from asympo.training import (
+    StepConfig,
+    TrainGroup,
+    flatten_groups,
+    group_from_scored,
+    token_logprobs,
+    train_step,
+    untrainable_reason,
+)
 from asympo.v1 import records_pb2
 
 VOCAB = 64
@@ -49,13 +58,16 @@ def fixed_groups() -> list[TrainGroup]:
 
 def reference_gradient_step(
     model: Qwen2ForCausalLM, groups: list[TrainGroup], lr: float, clip: float, loss: str
-) -> tuple[float, float, float]:
+) -> tuple[float, float, float, float, float]:
     """ASymPO / REINFORCE seq-mean written out by hand, one unpadded sequence at a time.
 
-    Returns the loss, the gradient norm before clipping and the mean completion-token entropy.
+    Returns the loss, the gradient norm before clipping, the mean completion-token entropy
+    and the summed norms of dL/dlogits over the positive and the negative responses'
+    completion tokens (by autograd on the logits).
     """
     terms = []
     entropies = []
+    side_logits: list[tuple[torch.Tensor, int, float]] = []
     for g in groups:
         r = torch.tensor(g.rewards)
         std = r.std(correction=0)
@@ -63,6 +75,8 @@ def reference_gradient_step(
         for completion, a in zip(g.completions, adv, strict=True):
             ids = torch.tensor([g.prompt_tokens + completion])
             logits = model(input_ids=ids).logits[0, :-1].float()
+            logits.retain_grad()
+            side_logits.append((logits, len(g.prompt_tokens) - 1, float(a)))
             logp = torch.log_softmax(logits, dim=-1)
             targets = ids[0, 1:]
             lp = logp[torch.arange(len(targets)), targets][len(g.prompt_tokens) - 1 :]
@@ -78,12 +92,18 @@ def reference_gradient_step(
     total.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     norm = torch.sqrt(torch.stack([(g**2).sum() for g in grads]).sum())
+    split = {1: 0.0, -1: 0.0}
+    for logits, start, a in side_logits:
+        assert logits.grad is not None
+        if a != 0:
+            split[1 if a > 0 else -1] += float(logits.grad[start:].norm(dim=-1).sum())
     scale = min(1.0, clip / (float(norm) + 1e-6))
     with torch.no_grad():
         for p in model.parameters():
             if p.grad is not None:
                 p.sub_(lr * scale * p.grad)
-    return float(total.detach()), float(norm), float(torch.cat(entropies).mean())
+    entropy = float(torch.cat(entropies).mean())
+    return float(total.detach()), float(norm), entropy, split[1], split[-1]
 
 
 @pytest.mark.parametrize("loss", ["asympo", "reinforce"])
@@ -97,7 +117,9 @@ def test_step_matches_the_independent_reference(loss: str, micro_batch: int) -> 
     stats = train_step(
         model, opt, groups, StepConfig(loss=loss, micro_batch=micro_batch, grad_clip=clip)
     )
-    ref_loss, ref_norm, ref_entropy = reference_gradient_step(ref, groups, lr, clip, loss)
+    ref_loss, ref_norm, ref_entropy, ref_pos, ref_neg = reference_gradient_step(
+        ref, groups, lr, clip, loss
+    )
 
     assert stats["loss"] == pytest.approx(ref_loss, abs=1e-6)
     assert stats["grad_norm"] == pytest.approx(ref_norm, rel=1e-4)
@@ -109,36 +131,123 @@ def test_step_matches_the_independent_reference(loss: str, micro_batch: int) -> 
     assert stats["tokens"] == 33.0
     assert stats["reward_mean"] == pytest.approx(5.5 / 9)
     assert stats["entropy"] == pytest.approx(ref_entropy, rel=1e-5)
+    # The update split at the logits, analytic in the step, autograd in the reference.
+    assert stats["update_norm_positive"] == pytest.approx(ref_pos, rel=1e-4)
+    assert stats["update_norm_negative"] == pytest.approx(ref_neg, rel=1e-4)
+    assert stats["update_share_positive"] == pytest.approx(ref_pos / (ref_pos + ref_neg))
     if loss == "asympo":
         assert abs(stats["loss_balance"]) < 1e-5
         assert stats["loss_positive"] > 0.5
     assert stats["nll_positive"] > 0 and stats["nll_negative"] > 0
 
 
-def test_micro_batching_does_not_change_token_mean_dapo_either() -> None:
-    groups = fixed_groups()
-    results = []
-    for micro in (1, 3, 100):
-        gs = [
-            TrainGroup(
-                g.group_id,
-                g.prompt_tokens,
-                g.completions,
-                g.rewards,
-                g.versions,
-                [[-1.0] * len(c) for c in g.completions],
+def with_behaviour(groups: list[TrainGroup], seed: int) -> list[TrainGroup]:
+    """``groups`` with behaviour log-probs near the tiny model's (ratios ~0.4..2.5)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        dataclasses.replace(
+            g,
+            behaviour_logprobs=[
+                (-4.2 + 1.8 * torch.rand(len(c), generator=gen) - 0.9).tolist()
+                for c in g.completions
+            ],
+        )
+        for g in groups
+    ]
+
+
+def reference_dapo_step(model: Qwen2ForCausalLM, groups: list[TrainGroup], lr: float) -> float:
+    """DAPO written out by hand: dual-clipped clip-higher token losses, token-mean, plain SGD."""
+    cfg = LossConfig()
+    token_losses = []
+    for g in groups:
+        assert g.behaviour_logprobs is not None
+        r = torch.tensor(g.rewards)
+        std = r.std(correction=0)
+        adv = torch.zeros_like(r) if bool((r == r[0]).all()) else (r - r.mean()) / (std + 1e-6)
+        for completion, a, beh in zip(g.completions, adv, g.behaviour_logprobs, strict=True):
+            ids = torch.tensor([g.prompt_tokens + completion])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+            lp = logp[torch.arange(ids.shape[1] - 1), ids[0, 1:]][len(g.prompt_tokens) - 1 :]
+            ratio = torch.exp(lp - torch.tensor(beh))
+            ell = torch.maximum(
+                -a * ratio, -a * ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps_high)
             )
-            for g in groups
-        ]
+            if a < 0:
+                ell = torch.minimum(ell, -a * cfg.clip_ratio_c)
+            token_losses.append(ell)
+    total = torch.cat(token_losses).mean()
+    model.zero_grad()
+    total.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p.sub_(lr * p.grad)
+    return float(total.detach())
+
+
+def test_micro_batching_does_not_change_token_mean_dapo_either() -> None:
+    groups = with_behaviour(fixed_groups(), seed=4)
+    ref = tiny_model()
+    ref_loss = reference_dapo_step(ref, groups, lr=0.1)
+    for micro in (1, 3, 100):
         model = tiny_model()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         cfg = StepConfig(loss="dapo", micro_batch=micro, grad_clip=0.0)
-        stats = train_step(model, opt, gs, cfg)
+        stats = train_step(model, opt, groups, cfg)
+        assert stats["loss"] == pytest.approx(ref_loss, abs=1e-6), micro
+        assert 0 < stats["clip_fraction"] < 1, micro
+        for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"micro {micro}")
+
+
+def test_an_empty_response_is_dropped_before_the_advantages() -> None:
+    """The rule: an empty response leaves its group before advantages; the group stays zero-sum.
+
+    Training a group with an empty response must equal training it without that response.
+    """
+    g = fixed_groups()[0]
+    with_empty = dataclasses.replace(
+        g,
+        completions=[*g.completions, []],
+        rewards=[*g.rewards, 1.0],
+        versions=[*g.versions, 3],
+    )
+    seqs, _ = flatten_groups([with_empty], StepConfig())
+    assert len(seqs) == len(g.completions)
+    assert abs(sum(s.advantage for s in seqs)) < 1e-12
+    results = []
+    for groups in ([with_empty], [g]):
+        model = tiny_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        stats = train_step(model, opt, groups, StepConfig(loss="reinforce", grad_clip=0.0))
         results.append((stats, torch.cat([p.detach().flatten() for p in model.parameters()])))
-    for stats, params in results[1:]:
-        torch.testing.assert_close(params, results[0][1], rtol=1e-5, atol=1e-6)
-        assert stats["loss"] == pytest.approx(results[0][0]["loss"], abs=1e-6)
-        assert stats["clip_fraction"] == pytest.approx(results[0][0]["clip_fraction"])
+    torch.testing.assert_close(results[0][1], results[1][1])
+    assert results[0][0]["loss_balance"] == pytest.approx(results[1][0]["loss_balance"])
+    assert results[0][0]["reward_mean"] == pytest.approx(results[1][0]["reward_mean"])
+
+
+@pytest.mark.parametrize(
+    ("change", "cfg", "reason"),
+    [
+        ({}, StepConfig(loss="grpo"), "missing_behaviour_logprobs"),
+        ({"rewards": [1.0, float("nan"), 0.0, 1.0]}, StepConfig(), "non_finite_reward"),
+        ({"completions": [[], [], [], []]}, StepConfig(), "no_completion_tokens"),
+        ({"completions": [[3], [], [], []]}, StepConfig(advantage="rloo"), "too_few_responses"),
+        ({"prompt_tokens": [1, VOCAB]}, StepConfig(), "token_out_of_vocabulary"),
+    ],
+)
+def test_untrainable_groups_are_named_and_refused_by_the_step(
+    change: dict[str, object], cfg: StepConfig, reason: str
+) -> None:
+    g = dataclasses.replace(fixed_groups()[0], **change)  # type: ignore[arg-type]
+    bad = untrainable_reason(g, cfg, VOCAB)
+    assert bad is not None and bad[0] == reason
+    assert untrainable_reason(fixed_groups()[0], StepConfig(), VOCAB) is None
+    if reason != "token_out_of_vocabulary":  # the step does not know the vocabulary
+        model = tiny_model()
+        with pytest.raises(ValueError, match=r"behaviour|untrainable"):
+            train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), [g], cfg)
 
 
 def test_behaviour_loss_without_behaviour_logprobs_is_refused_before_any_update() -> None:

@@ -16,6 +16,8 @@ from asympo.losses import (
     LossConfig,
     MissingBehaviourLogprobs,
     compute_loss,
+    logit_grad_norms,
+    loss_aggregation,
     needs_behaviour_logprobs,
 )
 
@@ -228,7 +230,14 @@ def test_gspo_clips_whole_sequences_outside_the_range() -> None:
     seq_log_r = torch.log(
         torch.tensor([0.5, 0.9, 1.1, 1.5])[torch.randint(0, 4, (len(adv),), generator=gen)]
     )
-    behaviour = base - seq_log_r[:, None]  # every token carries the sequence log-ratio
+    # Token log-ratios that differ within a response (+-0.7 around the sequence's), with
+    # the sequence's as their mean: exp(mean log r) and the mean of the token ratios
+    # (~1.27x larger) then disagree, and so do their clip decisions.
+    sign = torch.where(torch.arange(base.shape[1]) % 2 == 0, 1.0, -1.0).expand_as(base)
+    wiggle = 0.7 * sign * fmask
+    wiggle = (wiggle - (wiggle.sum(1) / fmask.sum(1))[:, None]) * fmask
+    log_r = seq_log_r[:, None] + wiggle
+    behaviour = base - log_r
     grad, stats = _grad("gspo", base, mask, adv, behaviour, LossConfig())
     s = torch.exp(seq_log_r)
     clipped = ((adv > 0) & (s > 1.2)) | ((adv < 0) & (s < 0.8))
@@ -237,6 +246,11 @@ def test_gspo_clips_whole_sequences_outside_the_range() -> None:
     torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
     assert 0 < clipped.sum() < len(adv)
     assert stats["clip_fraction"] == pytest.approx(clipped.float().mean().item())
+    assert stats["ratio_mean"] == pytest.approx(s.mean().item(), rel=1e-5)
+    # The mutant (arithmetic mean of token ratios) clips other responses: this test sees it.
+    arith = (torch.exp(log_r) * fmask).sum(1) / fmask.sum(1)
+    arith_clipped = ((adv > 0) & (arith > 1.2)) | ((adv < 0) & (arith < 0.8))
+    assert not torch.equal(arith_clipped, clipped)
 
 
 def test_tis_truncates_exactly_above_the_cap() -> None:
@@ -289,11 +303,18 @@ def test_padding_never_changes_any_loss(
     for aggregation in aggregations:
         cfg = LossConfig(aggregation=aggregation)
         for name in LOSSES:
-            loss, stats = compute_loss(name, lp, mask, adv, behaviour, cfg)
-            p_loss, p_stats = compute_loss(name, p_lp, p_mask, p_adv, p_beh, cfg)
+            x = lp.clone().requires_grad_(True)
+            p_x = p_lp.clone().requires_grad_(True)
+            loss, stats = compute_loss(name, x, mask, adv, behaviour, cfg)
+            p_loss, p_stats = compute_loss(name, p_x, p_mask, p_adv, p_beh, cfg)
             assert p_loss.item() == pytest.approx(loss.item(), rel=1e-5, abs=1e-6), name
             for key, value in stats.items():
                 assert p_stats[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, key)
+            # The gradient too: the same on real tokens, exactly zero on padding.
+            (grad,) = torch.autograd.grad(loss, x, allow_unused=True, materialize_grads=True)
+            (p_grad,) = torch.autograd.grad(p_loss, p_x, allow_unused=True, materialize_grads=True)
+            torch.testing.assert_close(p_grad[:b, :t], grad, rtol=1e-5, atol=1e-7, msg=name)
+            assert torch.all(p_grad[:b, t:] == 0) and torch.all(p_grad[b:] == 0), name
 
 
 @settings(max_examples=30, deadline=None)
@@ -336,3 +357,149 @@ def test_all_stats_are_reported_by_every_loss() -> None:
         assert (ratio_keys <= set(s)) == needs_behaviour_logprobs(name), name
         assert all(isinstance(v, float) for v in s.values())
         assert s["loss_balance"] == pytest.approx(s["loss_positive"] + s["loss_negative"])
+
+
+def verl_pg_losses(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    cliprange_low: float,
+    cliprange_high: float,
+    clip_ratio_c: float,
+) -> torch.Tensor:
+    """Token losses of verl's ``compute_policy_loss_vanilla`` (verl/trainer/ppo/core_algos.py,
+    volcengine/verl HEAD), the math copied unchanged; aggregation is left to the caller."""
+    negative_approx_kl = log_prob - old_log_prob
+    negative_approx_kl = torch.clamp(negative_approx_kl, min=-20.0, max=20.0)
+    ratio = torch.exp(negative_approx_kl)
+    pg_losses1 = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1 - cliprange_low, 1 + cliprange_high)
+    clip_pg_losses1 = torch.maximum(pg_losses1, pg_losses2)
+    pg_losses3 = -advantages * clip_ratio_c
+    clip_pg_losses2 = torch.min(pg_losses3, clip_pg_losses1)
+    pg_losses = torch.where(advantages < 0, clip_pg_losses2, clip_pg_losses1)
+    return pg_losses
+
+
+def _verl_agg(pg_losses: torch.Tensor, mask: torch.Tensor, mode: Aggregation) -> torch.Tensor:
+    """verl's agg_loss: "token-mean", or "seq-mean-token-mean" for our seq-mean."""
+    m = mask.float()
+    if mode == "token-mean":
+        return (pg_losses * m).sum() / m.sum()
+    return ((pg_losses * m).sum(-1) / m.sum(-1)).mean()
+
+
+@pytest.mark.parametrize("name", ["grpo", "dapo"])
+@pytest.mark.parametrize("clip_ratio_c", [3.0, 1.5])
+def test_dual_clip_matches_verl(name: str, clip_ratio_c: float) -> None:
+    base, mask, adv = stale_batch(11)
+    gen = torch.Generator().manual_seed(5)
+    # Ratios up to e^2.5 ~ 12: stale A < 0 tokens far beyond the dual-clip bound.
+    log_r = torch.empty(base.shape).uniform_(-1.5, 2.5, generator=gen)
+    behaviour = base - log_r
+    cfg = LossConfig(clip_ratio_c=clip_ratio_c)
+    agg = loss_aggregation(name, cfg)
+    high = cfg.clip_eps_high if name == "dapo" else cfg.clip_eps
+    lp = base.clone().requires_grad_(True)
+    loss, _ = compute_loss(name, lp, mask, adv, behaviour, cfg)
+    (grad,) = torch.autograd.grad(loss, lp)
+    ref_lp = base.clone().requires_grad_(True)
+    a = adv[:, None].expand_as(base)
+    ref_loss = _verl_agg(
+        verl_pg_losses(behaviour, ref_lp, a, cfg.clip_eps, high, clip_ratio_c), mask, agg
+    )
+    (ref_grad,) = torch.autograd.grad(ref_loss, ref_lp)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
+    torch.testing.assert_close(grad * mask, ref_grad * mask, rtol=1e-5, atol=1e-8)
+    dual = (a < 0) & (torch.exp(log_r) > clip_ratio_c) & mask
+    assert dual.sum() > 5  # the dual clip really engaged
+    assert torch.all(grad[dual] == 0)
+    # Off: the plain clipped surrogate, whose A < 0 loss grows with the ratio.
+    off = LossConfig(clip_ratio_c=0.0)
+    off_loss, _ = compute_loss(name, base, mask, adv, behaviour, off)
+    plain = torch.maximum(-a * torch.exp(log_r), -a * torch.exp(log_r).clamp(0.8, 1 + high))
+    assert off_loss.item() == pytest.approx(_verl_agg(plain, mask, agg).item(), rel=1e-6)
+    assert off_loss.item() > loss.item()
+
+
+def test_gspo_dual_clip_caps_each_stale_negative_response() -> None:
+    base, mask, adv = stale_batch(12)
+    seq_log_r = torch.tensor([2.0, 0.0, -0.5, 1.5])[torch.arange(len(adv)) % 4]
+    behaviour = base - seq_log_r[:, None]
+    lp = base.clone().requires_grad_(True)
+    loss, _ = compute_loss("gspo", lp, mask, adv, behaviour, LossConfig(clip_ratio_c=3.0))
+    (grad,) = torch.autograd.grad(loss, lp)
+    s = torch.exp(seq_log_r)
+    capped = (adv < 0) & (s > 3.0)
+    assert capped.any()
+    assert torch.all(grad[capped] == 0)
+    per = torch.maximum(-s * adv, -s.clamp(0.8, 1.2) * adv)
+    per = torch.where(capped, -3.0 * adv, per)
+    assert loss.item() == pytest.approx(per.mean().item(), rel=1e-6)
+
+
+def test_clip_ratio_c_must_be_off_or_above_one() -> None:
+    with pytest.raises(ValueError, match="clip_ratio_c"):
+        LossConfig(clip_ratio_c=1.0)
+    LossConfig(clip_ratio_c=0.0)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("aggregation", ["seq-mean", "token-mean"])
+def test_analytic_logit_gradient_norms_match_autograd(name: str, aggregation: Aggregation) -> None:
+    gen = torch.Generator().manual_seed(21)
+    b, t, v = 8, 7, 11
+    logits = (2 * torch.randn(b, t, v, generator=gen)).requires_grad_(True)
+    targets = torch.randint(0, v, (b, t), generator=gen)
+    lengths = torch.tensor([7, 3, 5, 1, 6, 7, 2, 4])
+    mask = torch.arange(t)[None, :] < lengths[:, None]
+    adv = torch.tensor([1.2, -0.4, 0.7, -1.5, 0.0, -0.3, 0.9, -0.6])
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logprobs = logp_all.gather(-1, targets[..., None]).squeeze(-1)
+    # Ratios in [0.4, 4]: clips, dual clips and truncations all active somewhere.
+    behaviour = logprobs.detach() - torch.empty(b, t).uniform_(-0.9, 1.4, generator=gen)
+    cfg = LossConfig(aggregation=aggregation)
+    # Autograd on the logits: the reference.
+    loss, _ = compute_loss(name, logprobs, mask, adv, behaviour, cfg)
+    (dz,) = torch.autograd.grad(loss, logits)
+    reference = dz.norm(dim=-1) * mask
+    # Analytic: w = dL/dlog p from the loss alone, then |w| sqrt(sum p^2 - 2 p_y + 1).
+    lp = logprobs.detach().requires_grad_(True)
+    loss2, _ = compute_loss(name, lp, mask, adv, behaviour, cfg)
+    (w,) = torch.autograd.grad(loss2, lp)
+    p = logp_all.detach().exp()
+    analytic = logit_grad_norms(w, lp.detach(), (p * p).sum(-1)) * mask
+    torch.testing.assert_close(analytic, reference, rtol=1e-4, atol=1e-7)
+    assert reference.sum() > 0
+
+
+def _update_split(
+    name: str, logits: torch.Tensor, targets: torch.Tensor, adv: torch.Tensor
+) -> float:
+    """Positive share of sum_t ||dL/dz_t|| (the learner's update split) on given logits."""
+    logp_all = torch.log_softmax(logits, dim=-1)
+    lp = logp_all.gather(-1, targets[..., None]).squeeze(-1).requires_grad_(True)
+    mask = torch.ones_like(lp, dtype=torch.bool)
+    loss, _ = compute_loss(name, lp, mask, adv)
+    (w,) = torch.autograd.grad(loss, lp)
+    p = logp_all.exp()
+    per_row = logit_grad_norms(w, lp.detach(), (p * p).sum(-1)).sum(dim=1)
+    pos, neg = per_row[adv > 0].sum(), per_row[adv < 0].sum()
+    return float(pos / (pos + neg))
+
+
+def test_asympo_reverses_the_stale_update_imbalance_at_the_logits() -> None:
+    """Stale data: the policy is sure of its positives (NLL ~0.1), not of its negatives (~3).
+
+    REINFORCE's logit update is dominated by the negatives; ASymPO's by the positives (it
+    reverses the imbalance rather than removing it, which is what the learner monitors).
+    """
+    gen = torch.Generator().manual_seed(0)
+    b, t, v = 8, 6, 16
+    targets = torch.randint(0, v, (b, t), generator=gen)
+    adv = torch.tensor([1.0, 1.0, 1.0, 1.0, -1.0, -1.0, -1.0, -1.0])
+    logits = torch.randn(b, t, v, generator=gen)
+    boost = torch.where(adv > 0, 6.0, -1.0)[:, None].expand(b, t)
+    logits = logits.scatter_add(-1, targets[..., None], boost[..., None])
+    assert _update_split("reinforce", logits, targets, adv) < 0.35
+    assert _update_split("asympo", logits, targets, adv) > 0.65
