@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -129,10 +130,18 @@ def up(
     if "run_dir" not in settings.model_fields_set:
         settings = settings.model_copy(update={"run_dir": f"runs/{rid}"})
     settings = with_free_ports(with_run_defaults(settings))
+    from asympo.model import load_tokenizer
+    from asympo.tracking import TrackerError, check_backends
+
+    try:  # a tracker whose extra is missing fails here, before any service starts
+        check_backends(settings.tracking.backends)
+    except TrackerError as exc:
+        raise fail(str(exc)) from exc
     try:
         model_path = resolve_model(settings)
         # Mistakes only the model shows (context, vocabulary) end here, before any child.
-        check_against_model(settings, model_path, task_prompts(settings))
+        prompts = task_prompts(settings, tokenizer=load_tokenizer(model_path))
+        check_against_model(settings, model_path, prompts)
     except (ValueError, ModelLoadError) as exc:  # ConfigError, TaskError: the user's settings
         raise fail(str(exc)) from exc
     settings = settings.model_copy(
@@ -165,10 +174,17 @@ def up(
 
 
 def resolve_model(settings: Settings) -> str:
-    """The model path to serve: the configured one, or the tiny default (built if not cached)."""
-    from asympo.model import resolve_model_path
+    """The model path to serve: the configured one, or the tiny default (built if not cached).
 
-    return resolve_model_path(settings, say=console.print)
+    A task the tiny model cannot be built for (missing file, unreachable hub, characters
+    outside its alphabet) ends the command with one line, exit status 1.
+    """
+    from asympo.model import ModelLoadError, resolve_model_path
+
+    try:
+        return resolve_model_path(settings, say=console.print)
+    except (ValueError, ModelLoadError) as exc:  # TaskError, alphabet, unknown verifier
+        raise fail(f"cannot build the tiny default model: {exc}", code=1) from exc
 
 
 @app.command("init-model")
@@ -204,14 +220,22 @@ def init_model(
 def eval_model(
     model: Annotated[
         str | None,
-        typer.Option(help="Model directory or HF id (default: model.path, else the tiny model)."),
+        typer.Option(
+            help="Model directory, HF id, run directory or run id (runs/<id>/final); "
+            "default: model.path, else the tiny model."
+        ),
     ] = None,
     task: Annotated[
-        str | None, typer.Option(help="Task name, e.g. arith, gsm8k (default: task.name).")
+        str | None,
+        typer.Option(help="Task name(s), comma-separated, e.g. arith,gsm8k (default: task.name)."),
     ] = None,
-    k: Annotated[int, typer.Option("--k", help="Samples per problem for pass@k (0 = skip).")] = 8,
-    n_problems: Annotated[int, typer.Option(help="Held-out problems evaluated.")] = 200,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature for pass@k.")] = 1.0,
+    k: Annotated[
+        int, typer.Option("--k", help="Samples per problem for pass@k, mean@k, maj@k (0 = skip).")
+    ] = 8,
+    n_problems: Annotated[int, typer.Option(help="Held-out problems evaluated per task.")] = 200,
+    temperature: Annotated[
+        float, typer.Option(help="Sampling temperature for the k samples.")
+    ] = 1.0,
     engine: Annotated[
         str | None, typer.Option(help="vllm or transformers (default: rollout.engine).")
     ] = None,
@@ -219,24 +243,34 @@ def eval_model(
     config: ConfigOpt = None,
     overrides: SetOpt = None,
 ) -> None:
-    """Greedy pass@1 and sampled pass@k of a model on a task's held-out split, via the engine.
+    """Greedy pass@1 and sampled pass@k, mean@k, maj@k of a model per task, with 95% intervals.
 
-    Generation uses sampling.max_tokens and sampling.stop; completions are judged by the
-    task's verifier in worker processes under reward.time_limit_s.
+    Generation uses sampling.max_tokens and sampling.stop and the task's prompt
+    (task.prompt_format, task.prompt_preset); completions are judged by the task's verifier
+    in worker processes under reward.time_limit_s. Given a run (directory or id) and no
+    --config, the run's own config.yaml is used, so the prompts are the ones it trained on.
+    Intervals: Wilson for pass@1 and maj@k, percentile bootstrap for pass@k and mean@k.
     """
     import json
 
     from rich.table import Table
 
-    from asympo.eval_cli import EvalError, run_eval
+    from asympo.eval_cli import EvalError, run_eval, run_model_dir
 
     # stdout carries only the result (table or JSON); vLLM's own log goes to stderr.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     extra = [f"rollout.engine={engine}"] if engine else []
+    final = run_model_dir(model) if model else None
+    run_config = final.parent / "config.yaml" if final is not None else None
+    if config is None and run_config is not None and run_config.is_file():
+        config = run_config
+        console.print(f"using the run's configuration {run_config}")
     settings = settings_from_cli(config, [*(overrides or []), *extra])
+    if final is not None:
+        model = str(final)
     try:
-        report = run_eval(
+        reports = run_eval(
             settings,
             model or resolve_model(settings),
             task or settings.task.name,
@@ -248,19 +282,36 @@ def eval_model(
     except EvalError as exc:
         raise fail(str(exc), code=1) from exc
     if as_json:
-        print(json.dumps(report.as_dict(), indent=2))
+        dicts = [r.as_dict() for r in reports]
+        print(json.dumps(dicts[0] if len(dicts) == 1 else dicts, indent=2))
         return
-    table = Table(title=f"{report.task} · {report.model}")
-    sampled = f"pass@{report.k} (T={report.temperature:g})" if report.k else "pass@k (skipped)"
-    for column in ("problems", "pass@1 (greedy)", sampled):
+    first = reports[0]
+    table = Table(title=f"{first.model} · {first.prompt_format} prompts · 95% intervals")
+    at = f"@{first.k} (T={first.temperature:g})" if first.k else "@k (skipped)"
+    for column in ("task", "problems", "pass@1 (greedy)", f"pass{at}", f"mean{at}", f"maj{at}"):
         table.add_column(column, justify="right")
-    at_k = "—" if report.pass_at_k is None else f"{report.pass_at_k:.3f}"
-    table.add_row(str(report.n_problems), f"{report.pass_at_1:.3f}", at_k)
-    Console().print(table)
-    print(
-        f"engine {report.engine}, verifier {report.verifier}, max_tokens {report.max_tokens}, "
-        f"verifier timeouts {report.verifier_timeouts}, {report.seconds:.1f}s"
-    )
+
+    def cell(value: float | None, ci: tuple[float, float] | None) -> str:
+        if value is None or ci is None:
+            return "—"
+        return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+    for r in reports:
+        table.add_row(
+            r.task,
+            str(r.n_problems),
+            cell(r.pass_at_1, r.pass_at_1_ci),
+            cell(r.pass_at_k, r.pass_at_k_ci),
+            cell(r.mean_at_k, r.mean_at_k_ci),
+            cell(r.maj_at_k, r.maj_at_k_ci),
+        )
+    # a pipe gets a wide table: the headers and intervals must not wrap
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    for r in reports:
+        print(
+            f"{r.task}: engine {r.engine}, verifier {r.verifier}, max_tokens {r.max_tokens}, "
+            f"verifier timeouts {r.verifier_timeouts}, {r.seconds:.1f}s"
+        )
 
 
 experiment_app = typer.Typer(help="Offline experiments (learner step).", no_args_is_help=True)
@@ -306,6 +357,11 @@ def experiment_staleness(
             eval_every=eval_every,
             eval_size=eval_size,
             threads=threads,
+            # the experiment trains on the configured task and prompt, like the model build
+            task=settings.task.name,
+            task_seed=settings.task.seed,
+            prompt_format=settings.task.prompt_format,
+            prompt_preset=settings.task.prompt_preset,
         )
         shard_of = parse_shard(shard)
     except ValueError as exc:

@@ -162,6 +162,13 @@ class TaskSettings(Section):
     eval_size: int = Field(200, ge=1)
     train_size: int = Field(20_000, ge=1)
     seed: int = 0
+    prompt_format: Literal["raw", "chat"] = Field(
+        "raw", description="raw text, or chat: the tokenizer's chat template (instruct models)"
+    )
+    prompt_preset: str = Field(
+        "", description="reasoning prompt preset: '' (the task's template), boxed, boxed-system"
+    )
+    system_prompt: str = Field("", description="system prompt (overrides the preset's)")
 
 
 class ModelSettings(Section):
@@ -170,6 +177,27 @@ class ModelSettings(Section):
     path: str = ""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     cache_dir: str = ".cache/models"
+
+
+class TrackingSettings(Section):
+    """Optional experiment trackers, fed the learner's metrics.jsonl records as written.
+
+    metrics.jsonl and Prometheus stay the source of truth; each backend is an optional
+    extra (``pip install 'asympo[wandb]'``, ``[tensorboard]``, ``[mlflow]``).
+    """
+
+    backends: list[Literal["wandb", "tensorboard", "mlflow"]] = Field(
+        default_factory=list, description="trackers to log to, e.g. [wandb, tensorboard]"
+    )
+    project: str = Field("asympo", description="W&B project and MLflow experiment name")
+    run_name: str = Field("", description="run name in every tracker ('' = streams.run_id)")
+    dir: str = Field("", description="tracker files (W&B, TensorBoard) ('' = <run_dir>/trackers)")
+    mlflow_tracking_uri: str = Field(
+        "", description="MLflow tracking URI ('' = a local file store in <dir>/mlruns)"
+    )
+    wandb_mode: Literal["", "online", "offline", "disabled"] = Field(
+        "", description="W&B mode ('' = the WANDB_MODE environment variable, else online)"
+    )
 
 
 class Settings(BaseSettings):
@@ -191,6 +219,7 @@ class Settings(BaseSettings):
     learner: LearnerSettings = Field(default_factory=LearnerSettings)
     task: TaskSettings = Field(default_factory=TaskSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     run_dir: str = Field(
         "runs/default",
         description="per-run directory: config.yaml, metrics.jsonl (learner, one line per step), "

@@ -19,7 +19,7 @@ from transformers import AutoConfig
 
 from asympo.config import ConfigError, Settings
 from asympo.model.loading import ModelLoadError, load_tokenizer
-from asympo.tasks import Task, load_task
+from asympo.tasks import Task, task_from_settings
 
 # Attribute names different architectures give their context length, most specific first.
 _CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
@@ -38,11 +38,14 @@ def model_context(config: Any) -> int | None:
     return None
 
 
-def task_prompts(settings: Settings, task: Task | None = None) -> list[str]:
-    """Every prompt text the learner can admit or evaluate, as the model will see it."""
+def task_prompts(settings: Settings, task: Task | None = None, tokenizer: Any = None) -> list[str]:
+    """Every prompt text the learner can admit or evaluate, as the model will see it.
+
+    Without ``task``, the run's task is built as the learner builds it; ``tokenizer`` (the
+    model's) renders ``task.prompt_format=chat``.
+    """
     if task is None:
-        t = settings.task
-        task = load_task(t.name, t.path, t.seed, t.train_size, t.eval_size, t.verifier)
+        task = task_from_settings(settings.task, tokenizer)
     return [task.render(p) for p in (*task.train, *task.test)]
 
 

@@ -1,27 +1,41 @@
 """The per-step metrics log of a run: one JSON object per line in ``<run_dir>/metrics.jsonl``.
 
 The learner appends a line after every optimiser step (and held-out accuracy when it
-evaluates); ``asympo up`` tails the file for its live view and plots it at the end.
+evaluates); ``asympo up`` tails the file for its live view and plots it at the end. The
+writer is also the one place experiment trackers (:mod:`asympo.tracking`) are fed from,
+so they show the same per-step values as the file.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from asympo.tracking import Tracker
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsWriter:
-    """Appends one JSON line per record; each line is flushed so readers see whole lines."""
+    """Appends one JSON line per record; each line is flushed so readers see whole lines.
 
-    def __init__(self, path: str | Path) -> None:
+    Each record with a ``step`` also goes to ``trackers`` (its numeric fields at that
+    step); a tracker that raises is logged and dropped, the file is never affected.
+    """
+
+    def __init__(self, path: str | Path, trackers: Sequence[Tracker] = ()) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = self.path.open("a", encoding="utf-8")
+        self.trackers = list(trackers)
 
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` (non-finite floats become null so the file stays valid JSON)."""
@@ -32,10 +46,29 @@ class MetricsWriter:
         self._fh.write(json.dumps(clean, sort_keys=True) + "\n")
         self._fh.flush()
         os.fsync(self._fh.fileno())
+        step = clean.get("step")
+        if self.trackers and isinstance(step, int):
+            self._track(clean, step)
+
+    def _track(self, record: dict[str, Any], step: int) -> None:
+        from asympo.tracking import numeric_values
+
+        values = numeric_values(record)
+        for tracker in list(self.trackers):
+            try:
+                tracker.log(values, step)
+            except Exception as exc:  # a tracker's failure must not stop the run
+                log.warning("tracker %s failed (%s); no longer logging to it", tracker.name, exc)
+                self.trackers.remove(tracker)
 
     def close(self) -> None:
-        """Close the file."""
+        """Close the file and the trackers."""
         self._fh.close()
+        for tracker in self.trackers:
+            try:
+                tracker.close()
+            except Exception as exc:  # closing a tracker must not mask the run's outcome
+                log.warning("tracker %s did not close cleanly: %s", tracker.name, exc)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

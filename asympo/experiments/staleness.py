@@ -29,9 +29,10 @@ from typing import Any
 
 import torch
 
+from asympo.config import TaskSettings
 from asympo.evaluation import cut_at_stop, evaluate, hf_greedy
 from asympo.losses import LOSSES, LossConfig, needs_behaviour_logprobs
-from asympo.tasks import Problem, Task, load_task
+from asympo.tasks import Problem, Task, task_from_settings
 from asympo.training import StepConfig, TrainGroup, token_logprobs, train_step
 from asympo.verifiers import resolve_verifier, run_verifier
 
@@ -57,6 +58,8 @@ class StalenessConfig:
     eval_size: int = 200
     task: str = "arith"
     task_seed: int = 0
+    prompt_format: str = "raw"  # task.prompt_format: raw, or chat (the tokenizer's template)
+    prompt_preset: str = ""  # task.prompt_preset
     threads: int = 1
     loss_cfg: LossConfig = field(default_factory=LossConfig)
 
@@ -79,6 +82,9 @@ class StalenessConfig:
         fields: dict[str, Any] = dataclasses.asdict(self)
         for axis in ("losses", "staleness", "seeds", "threads"):
             fields.pop(axis)
+        for name, default in (("prompt_format", "raw"), ("prompt_preset", "")):
+            if fields[name] == default:  # keys of runs made before these fields existed hold
+                fields.pop(name)
         fields["model"] = str(Path(model_path).resolve()) if model_path else ""
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -439,7 +445,17 @@ def run_grid(
     if not 0 <= index < count:
         raise ValueError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
     torch.set_num_threads(cfg.threads)
-    task = load_task(cfg.task, seed=cfg.task_seed, eval_size=cfg.eval_size)
+    task = task_from_settings(
+        TaskSettings(
+            name=cfg.task,
+            seed=cfg.task_seed,
+            eval_size=cfg.eval_size,
+            prompt_format=cfg.prompt_format,  # type: ignore[arg-type]
+            prompt_preset=cfg.prompt_preset,
+        ),
+        policy.tokenizer,
+        policy.path,
+    )
     scorer = Scorer(task.verifier)
     work_dir.mkdir(parents=True, exist_ok=True)
     runs_file = work_dir / ("runs.jsonl" if count == 1 else f"runs-shard{index}of{count}.jsonl")

@@ -5,6 +5,12 @@ special tokens. It is a ``tokenizers`` BPE model with no merges, so
 ``AutoTokenizer`` and vLLM load it like any fast tokenizer, and decoding with a
 ``Fuse`` decoder gives back the exact text (no spaces inserted, no clean-up).
 Like Qwen tokenizers, encoding adds no special token: prompts are plain text.
+
+It carries a Jinja chat template in Qwen's ChatML format (``<|im_start|>role\n...<|im_end|>``,
+Qwen2.5's template without tools and without its default system prompt), so
+``task.prompt_format=chat`` runs on the tiny model through the same
+``apply_chat_template`` call as on a real instruct model. The markers are spelled in
+characters (the vocabulary has no extra tokens), so the model's shape does not change.
 """
 
 from __future__ import annotations
@@ -20,6 +26,13 @@ BOS_TOKEN = "<|bos|>"
 EOS_TOKEN = "<|eos|>"
 UNK_TOKEN = "<|unk|>"
 SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)
+# Qwen2.5's ChatML template, tools and the default system prompt left out.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
 
 # Printable ASCII (space through tilde), then newline and tab. Order fixes the ids.
 CHARACTERS = (*(chr(c) for c in range(32, 127)), "\n", "\t")
@@ -62,6 +75,7 @@ def save_char_tokenizer(directory: str | Path, model_max_length: int) -> None:
         "add_bos_token": False,
         "add_eos_token": False,
         "padding_side": "left",
+        "chat_template": CHAT_TEMPLATE,
         **specials,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")

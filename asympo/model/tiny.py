@@ -4,6 +4,14 @@ The result lives in ``<cache_dir>/tiny-<key>/`` where ``key`` hashes everything 
 shapes it (architecture, warm-start schedule, task settings, format version), so a
 later run with the same configuration reuses it. A directory is only visible once
 complete: it is written under a temporary name and renamed.
+
+The warm start trains on the run's task exactly as configured (``task.name``,
+``task.path``, ``task.verifier``, ``task.prompt_format``/``prompt_preset``/``system_prompt``),
+built by the same :func:`asympo.tasks.task_from_settings` as the learner: the model learns
+the prompt format it will be trained and evaluated with, and a ``task.path`` is read
+locally (never replaced by the task's hub dataset). Settings left at their defaults stay
+out of the key, so adding a setting does not invalidate existing caches; a local
+``task.path`` enters the key by its content hash.
 """
 
 from __future__ import annotations
@@ -21,11 +29,11 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from asympo.config import Settings
+from asympo.config import Settings, TaskSettings
 from asympo.model.architecture import TinyArchitecture, build_tiny_model, count_parameters
 from asympo.model.char_tokenizer import CHARACTERS, save_char_tokenizer
 from asympo.model.warm_start import SftSchedule, supervised_warm_start
-from asympo.tasks import load_task
+from asympo.tasks import task_from_settings
 from asympo.verifiers import as_verdict, resolve_verifier
 
 # Bump when the files written here change meaning, so stale caches are not reused.
@@ -44,13 +52,63 @@ class TinyModelSpec:
     task_seed: int
     task_train_size: int
     seed: int = 0
+    task_path: str = ""
+    task_source_sha256: str = ""
+    task_verifier: str = ""
+    prompt_format: str = "raw"
+    prompt_preset: str = ""
+    system_prompt: str = ""
 
     def cache_key(self) -> str:
-        """Stable short hash of the spec (and the file format version)."""
-        blob = json.dumps(
-            {"format": FORMAT_VERSION, **dataclasses.asdict(self)}, sort_keys=True
-        ).encode()
+        """Stable short hash of the spec (and the file format version).
+
+        Fields at their default value are left out, so a spec written before they
+        existed keeps its key (and its cached model).
+        """
+        fields = dataclasses.asdict(self)
+        for f in dataclasses.fields(self):
+            if f.name in OPTIONAL_KEY_FIELDS and fields[f.name] == f.default:
+                del fields[f.name]
+        blob = json.dumps({"format": FORMAT_VERSION, **fields}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    def task_settings(self) -> TaskSettings:
+        """The task section this model is warm-started on."""
+        return TaskSettings(
+            name=self.task_name,
+            path=self.task_path,
+            verifier=self.task_verifier,
+            seed=self.task_seed,
+            train_size=self.task_train_size,
+            prompt_format=self.prompt_format,  # type: ignore[arg-type]
+            prompt_preset=self.prompt_preset,
+            system_prompt=self.system_prompt,
+        )
+
+
+OPTIONAL_KEY_FIELDS = (
+    "task_path",
+    "task_source_sha256",
+    "task_verifier",
+    "prompt_format",
+    "prompt_preset",
+    "system_prompt",
+)
+
+
+def source_fingerprint(path: str) -> str:
+    """sha256 of a local dataset file (or of a directory's files); '' for a hub id or none."""
+    if not path:
+        return ""
+    p = Path(path).expanduser()
+    files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+    if not all(f.is_file() for f in files):
+        return ""
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode())
+        digest.update(f.read_bytes())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -73,6 +131,12 @@ def spec_from_settings(settings: Settings) -> TinyModelSpec:
         task_seed=settings.task.seed,
         task_train_size=settings.task.train_size,
         seed=settings.learner.seed,
+        task_path=settings.task.path,
+        task_source_sha256=source_fingerprint(settings.task.path),
+        task_verifier=settings.task.verifier,
+        prompt_format=settings.task.prompt_format,
+        prompt_preset=settings.task.prompt_preset,
+        system_prompt=settings.task.system_prompt,
     )
 
 
@@ -105,7 +169,11 @@ def build_and_warm_start(
 ) -> TinyModelResult:
     """Build the tiny model, warm-start it on the task and save it (HF format) to ``out_dir``."""
     start = time.monotonic()
-    task = load_task(spec.task_name, seed=spec.task_seed, train_size=spec.task_train_size)
+    arch = spec.architecture
+    with tempfile.TemporaryDirectory() as tok_dir:
+        save_char_tokenizer(tok_dir, arch.max_positions)
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    task = task_from_settings(spec.task_settings(), tokenizer, "the tiny model")
     train = [(task.render(p), task.sft_target(p)) for p in task.train]
     held_out = [(task.render(p), p.answer) for p in task.test]
     _check_task_alphabet([a + b for a, b in train + held_out], spec.task_name)
@@ -114,10 +182,6 @@ def build_and_warm_start(
     def verify(response: str, reference: str) -> float:
         return as_verdict(verifier(response, reference)).reward
 
-    arch = spec.architecture
-    with tempfile.TemporaryDirectory() as tok_dir:
-        save_char_tokenizer(tok_dir, arch.max_positions)
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     model = build_tiny_model(arch, spec.seed)
     n_params = count_parameters(model)
     log(f"tiny model: {n_params / 1e6:.2f} M parameters; warm start on {task.name!r}")

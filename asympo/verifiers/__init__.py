@@ -2,11 +2,13 @@
 
 ``resolve_verifier(name, plugins)`` gives the function; ``VerifierPool`` runs it in
 killable worker processes. Builtins: ``math`` (math-verify equivalence), ``gsm8k``
-(``####`` extraction, decimal comparison) and ``exact``.
+(``####`` extraction, decimal comparison), ``boxed`` (the last ``\\boxed{}``, for the
+reasoning prompt presets) and ``exact``.
 """
 
 from __future__ import annotations
 
+from asympo.verifiers.answers import answer_key
 from asympo.verifiers.pool import CRASHED, TIMEOUT, VerifierPool
 from asympo.verifiers.registry import (
     BUILTIN,
@@ -30,6 +32,7 @@ __all__ = [
     "UnknownVerifierError",
     "Verdict",
     "VerifierPool",
+    "answer_key",
     "apply_format_reward",
     "as_verdict",
     "available_verifiers",

@@ -1,7 +1,7 @@
 """Verifiers by name: the builtins, configured plug-ins, ``module:function`` and entry points.
 
 Resolution order for a name: ``RewardSettings.plugins`` (name -> ``module:function``),
-the builtins (``math``, ``gsm8k``, ``exact``), a literal ``module:function``, then
+the builtins (``math``, ``gsm8k``, ``exact``, ``boxed``), a literal ``module:function``, then
 the ``asympo.verifiers`` entry-point group of installed packages.
 """
 
@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping
 from importlib.metadata import entry_points
 
+from asympo.verifiers.boxed import verify_boxed
 from asympo.verifiers.exact import verify_exact
 from asympo.verifiers.gsm8k import has_gsm8k_format, verify_gsm8k
 from asympo.verifiers.math_equiv import has_boxed_format, verify_math
@@ -22,8 +23,9 @@ BUILTIN: dict[str, VerifierFn] = {
     "math": verify_math,
     "gsm8k": verify_gsm8k,
     "exact": verify_exact,
+    "boxed": verify_boxed,
 }
-FORMAT_CHECKS = {"math": has_boxed_format, "gsm8k": has_gsm8k_format}
+FORMAT_CHECKS = {"math": has_boxed_format, "gsm8k": has_gsm8k_format, "boxed": has_boxed_format}
 MAX_REASON_CHARS = 300
 
 

@@ -25,7 +25,8 @@ from asympo.probe import probe_tokens
 from asympo.redis_conn import connect
 from asympo.run_log import METRICS_FILE, MetricsWriter
 from asympo.service import Service, configure_logging
-from asympo.tasks import load_task
+from asympo.tasks import task_from_settings
+from asympo.tracking import open_trackers
 from asympo.weights_client import WeightsClient
 from services.learner import metrics
 from services.learner.distributed import init_distributed, wrap_ddp
@@ -52,8 +53,8 @@ def run(settings: Settings) -> None:
         path = resolve_model_path(settings)
         task = None
         if info.rank == 0:
-            t = settings.task
-            task = load_task(t.name, t.path, t.seed, t.train_size, t.eval_size)
+            # the run's task as configured (verifier, prompt format, preset), as eval builds it
+            task = task_from_settings(settings.task, load_tokenizer(path), path)
             check_against_model(settings, path, task_prompts(settings, task))
         model = load_causal_lm(path, settings.model.dtype, str(info.device)).train()
         tokenizer = load_tokenizer(path)
@@ -66,7 +67,7 @@ def run(settings: Settings) -> None:
         redis_client = connect(settings.redis_url(), settings.redis.embedded_dir)
         client = WeightsClient.from_settings(settings)
         svc.closing(client.close)
-        writer = MetricsWriter(Path(settings.run_dir) / METRICS_FILE)
+        writer = MetricsWriter(Path(settings.run_dir) / METRICS_FILE, open_trackers(settings))
         svc.closing(writer.close)
         probe = probe_tokens(int(model.config.vocab_size))
         learner = Learner(
