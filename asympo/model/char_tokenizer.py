@@ -1,9 +1,15 @@
 """A character-level tokenizer in standard Hugging Face format.
 
-One token per character of printable ASCII plus newline and tab, and three
-special tokens. It is a ``tokenizers`` BPE model with no merges, so
-``AutoTokenizer`` and vLLM load it like any fast tokenizer, and decoding with a
-``Fuse`` decoder gives back the exact text (no spaces inserted, no clean-up).
+One token per character of printable ASCII plus newline and tab, and four
+special tokens. It is a ``tokenizers`` BPE model with no merges over GPT-2's
+byte-level alphabet (space is ``Ġ``, newline ``Ċ``, tab ``ĉ``; other printable ASCII
+is itself), with a byte-level pre-tokenizer and decoder: the form Qwen2 tokenizers
+have. That matters because transformers 5 loads the tokenizer of a ``qwen2`` model
+directory as ``Qwen2Tokenizer`` whatever tokenizer_config.json says, rebuilding the
+pipeline from the vocabulary; with plain characters as token strings, spaces and
+newlines were silently dropped (format 1 of the tiny model). Now ``AutoTokenizer``
+and vLLM, with or without the model's config.json, encode one token per character
+and decode the exact text.
 Like Qwen tokenizers, encoding adds no special token: prompts are plain text.
 
 It carries a Jinja chat template in Qwen's ChatML format (``<|im_start|>role\n...<|im_end|>``,
@@ -19,7 +25,7 @@ import json
 import string
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 PAD_TOKEN = "<|pad|>"
 BOS_TOKEN = "<|bos|>"
@@ -45,11 +51,24 @@ def char_vocab() -> dict[str, int]:
     return {tok: i for i, tok in enumerate(tokens)}
 
 
+def _byte_level(ch: str) -> str:
+    """GPT-2's byte-to-unicode symbol of an ASCII character (``" "`` -> ``"Ġ"``)."""
+    code = ord(ch)
+    return ch if 33 <= code <= 126 else chr(256 + code)  # control bytes and space shift up
+
+
+def byte_level_vocab() -> dict[str, int]:
+    """The tokenizer file's vocabulary: :func:`char_vocab` with byte-level token strings."""
+    return {
+        (tok if tok in SPECIAL_TOKENS else _byte_level(tok)): i for tok, i in char_vocab().items()
+    }
+
+
 def build_char_tokenizer() -> Tokenizer:
-    """The raw ``tokenizers.Tokenizer``: BPE without merges = one token per character."""
-    vocab = char_vocab()
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK_TOKEN))
-    tok.decoder = decoders.Fuse()
+    """The raw ``tokenizers.Tokenizer``: byte-level BPE without merges = one token per char."""
+    tok = Tokenizer(models.BPE(vocab=byte_level_vocab(), merges=[], unk_token=UNK_TOKEN))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(list(SPECIAL_TOKENS))
     return tok
 

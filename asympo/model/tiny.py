@@ -37,7 +37,7 @@ from asympo.tasks import task_from_settings
 from asympo.verifiers import as_verdict, resolve_verifier
 
 # Bump when the files written here change meaning, so stale caches are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: byte-level token strings (spaces survive Qwen2Tokenizer), chat template
 MANIFEST = "asympo_model.json"
 WARM_START_THREADS = 2
 
