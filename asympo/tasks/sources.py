@@ -111,7 +111,11 @@ def _load_hf(spec: str, default_config: str | None) -> tuple[list[Row], list[Row
     try:
         loaded = datasets.load_dataset(name, config or default_config)
     except Exception as exc:  # datasets raises many types: offline, not found, bad config
-        raise TaskError(f"cannot load Hugging Face dataset {spec!r}: {exc}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TaskError(
+            f"cannot load Hugging Face dataset {spec!r} ({first}); offline or no such dataset? "
+            "give a local file with task.path"
+        ) from exc
     if "train" not in loaded:
         raise TaskError(f"Hugging Face dataset {spec!r} has no train split: {list(loaded)}")
     train = [dict(r) for r in loaded["train"]]
