@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from asympo.config import TaskSettings, load_settings
-from asympo.evaluation import bootstrap_interval, majority_correct, wilson_interval
+from asympo.evaluation import bootstrap_interval, evaluate, majority_correct, wilson_interval
 from asympo.model.architecture import TinyArchitecture, build_tiny_model
 from asympo.model.char_tokenizer import CHARACTERS, char_vocab, save_char_tokenizer
 from asympo.model.tiny import (
@@ -168,3 +168,42 @@ def test_tiny_model_directory_tokenizer_keeps_spaces_and_newlines(tmp_path: Path
     ids = tok.encode(text, add_special_tokens=False)
     assert len(ids) == len(text) and tok.decode(ids) == text
     assert ids[: len("<|im_start|>")] == [char_vocab()[c] for c in "<|im_start|>"]
+
+
+def test_evaluate_reports_mean_and_majority_at_k_with_intervals(tokenizer: object) -> None:
+    """Scripted samples: per problem, k=4 answers in different spellings of numbers."""
+    task = task_from_settings(small(), tokenizer)
+    problems = task.test[:4]
+    gold = {task.render(p): p.answer.removeprefix("#### ") for p in problems}
+    wrong = {k: str(int(v) + 1) for k, v in gold.items()}
+    # problem 0: 3/4 right, majority right; 1: 1/4 right, majority wrong ("1,0xx" variants
+    # of one wrong number vote together); 2: 2 right vs 2 different wrongs: majority right;
+    # 3: no sample right.
+    plans = [
+        lambda g, w: [g, g + ".0", w, g],
+        lambda g, w: [g, w, w + ".0", "#### " + w],
+        lambda g, w: [w, g, g, w + "1"],
+        lambda g, w: [w, w, w, w],
+    ]
+
+    def generate(prompts: list[str], n: int, temperature: float) -> list[list[str]]:
+        if temperature == 0:
+            return [[gold[p]] for p in prompts]
+        return [plans[i](gold[p], wrong[p])[:n] for i, p in enumerate(prompts)]
+
+    verify = resolve_verifier("gsm8k")
+
+    def score(out: str, ref: str) -> float:
+        return verify(out, ref).reward  # type: ignore[union-attr]
+
+    def key(out: str) -> str | None:
+        return answer_key("gsm8k", out)
+
+    result = evaluate(task, problems, generate, score, k=4, temperature=1.0, answer_key=key)
+    assert result.pass_at_1 == 1.0 and result.pass_at_1_ci == wilson_interval(4, 4)
+    assert result.mean_at_k is not None and result.maj_at_k is not None
+    assert result.mean_at_k.value == pytest.approx((3 + 1 + 2 + 0) / 16)
+    assert result.maj_at_k.value == 0.5  # problems 0 and 2
+    assert (result.maj_at_k.low, result.maj_at_k.high) == wilson_interval(2, 4)
+    assert result.pass_at_k == 0.75
+    assert result.mean_at_k.low <= result.mean_at_k.value <= result.mean_at_k.high
