@@ -131,6 +131,8 @@ def test_wilson_and_bootstrap_intervals() -> None:
     low, high = wilson_interval(8, 10)
     assert (round(low, 4), round(high, 4)) == (0.4902, 0.9433)  # the textbook value
     assert wilson_interval(0, 20)[0] == 0.0 and 0.1 < wilson_interval(0, 20)[1] < 0.2
+    for n in (1, 3, 6, 7, 40, 200):  # exact ends, so low <= value <= high holds at 0 and 1
+        assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0
     values = [1.0, 0.0] * 50
     low, high = bootstrap_interval(values)
     assert 0.38 < low < 0.5 < high < 0.62
