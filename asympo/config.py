@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -133,7 +141,9 @@ class LearnerSettings(Section):
     groups_per_step: int = Field(8, ge=1)
     micro_batch: int = Field(32, ge=1, description="sequences per forward/backward")
     max_staleness: int = Field(2, ge=0)
-    publish_every: int = Field(1, ge=1)
+    publish_every: int = Field(
+        1, ge=1, description="steps per published version (at most max_staleness + 1)"
+    )
     max_steps: int = Field(0, ge=0, description="stop after this many steps (0 = run forever)")
     eval_every: int = Field(
         5, ge=0, description="held-out greedy accuracy every N steps into metrics.jsonl (0 = off)"
@@ -149,6 +159,18 @@ class LearnerSettings(Section):
         if value != 0 and value <= 1:
             raise ValueError("must be 0 (off) or > 1")
         return value
+
+    @model_validator(mode="after")
+    def _publish_within_staleness(self) -> LearnerSettings:
+        # Admission counts from the published version, so a window of max_staleness + 1
+        # steps must contain a publish, or the learner would wait for prompts forever.
+        if self.publish_every > self.max_staleness + 1:
+            raise ValueError(
+                f"publish_every ({self.publish_every}) must be at most max_staleness + 1 "
+                f"({self.max_staleness + 1}): prompts are admitted only up to max_staleness "
+                "versions past the last published one"
+            )
+        return self
 
 
 class TaskSettings(Section):

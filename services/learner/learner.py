@@ -23,7 +23,6 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, cast
@@ -53,12 +52,13 @@ from services.learner.checkpoint import (
     save_checkpoint,
 )
 from services.learner.distributed import DistInfo, broadcast_batch, decode_batch, shard
+from services.learner.publisher import InlinePublisher, PublishFn, VersionPublisher
 
 log = logging.getLogger(__name__)
 
 CONSUMER_GROUP = "learner"
-# Publisher(version, parent_version, model): make ``version`` available to rollout.
-Publisher = Callable[[int, int, torch.nn.Module], None]
+# Publisher(version, parent_version, model): make ``version`` available to rollout, inline.
+Publisher = PublishFn
 TRAINED_IDS_KEPT = 100_000
 
 
@@ -116,7 +116,7 @@ class Learner:
         model: torch.nn.Module,
         *,
         task: Task | None = None,
-        publisher: Publisher | None = None,
+        publisher: Publisher | VersionPublisher | None = None,
         consumer_name: str = "learner-0",
         metrics_writer: MetricsWriter | None = None,
         pad_id: int = 0,
@@ -127,7 +127,9 @@ class Learner:
         self.lc = settings.learner
         self.redis = redis_client
         self.model = model
-        self.publisher = publisher
+        self.publisher: VersionPublisher | None = (
+            InlinePublisher(publisher) if callable(publisher) else publisher
+        )
         self.writer = metrics_writer
         self.pad_id = pad_id
         self.cfg = step_config(settings)
@@ -157,7 +159,10 @@ class Learner:
             "duplicates_skipped": 0.0,
         }
         self.version = 0
-        self.published_version = -1
+        self.published_version = -1  # newest version verified in the store
+        self.submitted_version = -1  # newest version handed to the publisher
+        self.publish_blocked_s = 0.0  # the training loop's blocked time in the last publish
+        self._first_publish_done = False
         self.trained_group_log: list[str] = []  # group ids trained by this process, in order
         self._last_touch = 0.0
         self.last_record: dict[str, Any] = {}
@@ -177,6 +182,9 @@ class Learner:
             if state.unacked_entry_ids:  # the crash may have come before these acks
                 self.consumer.ack(state.unacked_entry_ids)
             log.info("resumed from %s at version %d", path, self.version)
+        self.submitted_version = self.published_version
+        if self.publisher is not None:
+            self.publisher.resumed(self.published_version)
         self._read_own_pending()
         metrics.POLICY_VERSION.set(self.version)
 
@@ -254,11 +262,21 @@ class Learner:
         )
 
     def admit(self) -> int:
-        """Admit the prompts the staleness bound allows now."""
+        """Admit the prompts the staleness bound allows now.
+
+        The bound counts from the *published* version, not the learner's: rollout can only
+        be held to a version it can load, so a prompt admitted at learner version v with
+        published version p < v is answered with weights as old as p and trained around
+        step ``seq // groups_per_step``; bounding by v would let it arrive up to
+        ``v - p`` versions staler than ``max_staleness`` and be dropped.
+        """
         if self.admitter is None:
             return 0
-        min_version = max(self.published_version, 0)
-        n = self.admitter.admit(self.version, min_version)
+        self._refresh_published()
+        published = max(self.published_version, 0)
+        # Without a publisher nothing holds rollout back: the learner's version bounds.
+        bound_version = published if self.publisher is not None else self.version
+        n = self.admitter.admit(bound_version, published)
         if n:
             metrics.PROMPTS_ADMITTED.inc(n)
         return n
@@ -289,6 +307,11 @@ class Learner:
                 self.buffer[:0] = batch  # keep order for the next attempt
                 return None
             self._touch_held()
+            if self.publisher is not None:
+                before = self.published_version
+                self._refresh_published()
+                if self.published_version != before:
+                    self.admit()  # a newly published version opens the admission window
             for delivery in self.consumer.read(count=self.lc.groups_per_step, block_ms=200):
                 self._accept(delivery)
 
@@ -299,8 +322,10 @@ class Learner:
 
         Returns the metrics record of the step, or None if no batch came (stopped/timeout).
         """
-        if self.published_version < 0 and self.publisher is not None:
-            self.publish()
+        if self.publisher is not None and not self._first_publish_done:
+            self._first_publish_done = True
+            if self.submitted_version < self.version:
+                self.publish()  # version 0, or a resumed version that never reached the store
         self.admit()
         batch = self.collect(timeout_s)
         if batch is None:
@@ -330,10 +355,13 @@ class Learner:
         record = self._record(stats, stalenesses, correct / max(n_samples, 1), n_samples / seconds)
         # The audit trail of exactly-once training: which groups this version was trained on.
         record["group_ids"] = [h.group.group_id for h in batch]
-        self._export(record, stalenesses, len(batch), n_samples)
-        self.last_record = record
+        record["publish_blocked_s"] = 0.0
         if self.version % self.lc.publish_every == 0 and self.publisher is not None:
             self.publish()
+            record["publish_blocked_s"] = self.publish_blocked_s
+        record["published_version"] = self.published_version
+        self._export(record, stalenesses, len(batch), n_samples)
+        self.last_record = record
         if self.version % self.lc.checkpoint_every == 0:
             self.checkpoint()
         self.admit()
@@ -394,15 +422,37 @@ class Learner:
     # -- publish and checkpoint -----------------------------------------------------------
 
     def publish(self) -> None:
-        """Publish the current weights as ``version`` (with the probe) through the publisher."""
+        """Hand the current weights to the publisher as ``version`` (see
+        services/learner/publisher.py: a background publisher only snapshots here)."""
         if self.publisher is None:
             return
-        self.publisher(self.version, self.published_version, self.model)
-        self.published_version = self.version
-        metrics.PUBLISHED_VERSION.set(self.version)
+        self.publish_blocked_s = self.publisher.submit(self.version, self.model)
+        self.submitted_version = self.version
+        self._refresh_published()
+
+    def _refresh_published(self) -> None:
+        """Take the publisher's newest verified version (and raise its failure, if any)."""
+        if self.publisher is None:
+            return
+        self.publisher.check()
+        published = self.publisher.published()
+        if published > self.published_version:
+            self.published_version = published
+            metrics.PUBLISHED_VERSION.set(published)
+
+    def finish_publishing(self, timeout_s: float | None = None) -> bool:
+        """Publish the current version if it is not yet, and wait until the store has it."""
+        if self.publisher is None:
+            return True
+        if self.submitted_version < self.version:
+            self.publish()
+        done = self.publisher.wait(timeout_s)
+        self._refresh_published()
+        return done
 
     def checkpoint(self) -> str:
         """Write a checkpoint, then ack every entry whose effect it contains."""
+        self._refresh_published()
         state = LearnerState(
             version=self.version,
             published_version=self.published_version,

@@ -1,16 +1,15 @@
-"""The learner's supervised loop and what surrounds it: publish, evaluate, finish.
+"""The learner's supervised loop and what surrounds it: evaluate, finish.
 
 ``TrainingLoop.step`` is what ``asympo serve learner`` supervises (asympo.service): wait
 for a batch, train, serve checkpoint requests, evaluate every ``eval_every`` steps.
-``weights_publisher`` publishes through the weights service with the probe;
-``finish`` is the clean stop (checkpoint, last publish, final model).
+Publishing lives in services/learner/publisher.py; ``finish`` is the clean stop
+(checkpoint, last publish, final model).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,51 +18,12 @@ from transformers import PreTrainedTokenizerBase
 
 from asympo.config import Settings
 from asympo.evaluation import evaluate, hf_greedy
-from asympo.probe import make_probe
 from asympo.run_log import MetricsWriter
 from asympo.tasks import Task
 from asympo.verifiers import as_verdict, resolve_verifier
-from asympo.weights_client import PublishRejected, WeightsClient, WeightsClientError
-from services.learner.learner import Learner, Publisher
+from services.learner.learner import Learner
 
 log = logging.getLogger("asympo.learner")
-
-PUBLISH_RETRY_S = 120.0
-
-
-def weights_publisher(settings: Settings, client: WeightsClient, tokens: list[int]) -> Publisher:
-    """Publish through the weights service, retrying while it is not up yet."""
-
-    def publish(version: int, parent: int, model: torch.nn.Module) -> None:
-        # The bare module: a forward through the DDP wrapper on rank 0 alone would hang.
-        inner = getattr(model, "module", model)
-        probe = make_probe(inner, tokens, settings.rollout.probe_tolerance)
-        state = {k: v.detach() for k, v in inner.state_dict().items()}
-        deadline = time.monotonic() + PUBLISH_RETRY_S
-        start = time.monotonic()
-        while True:
-            try:
-                client.publish_state_dict(
-                    state, version, parent, probe, {"loss": settings.learner.loss}
-                )
-                log.info("published version %d (%.2fs)", version, time.monotonic() - start)
-                return
-            except PublishRejected as exc:
-                latest = client.latest()
-                if latest is not None and latest.version >= version:
-                    # A resumed learner re-reaches versions it published before the crash.
-                    log.warning("version %d already in the store (%s); keeping it", version, exc)
-                    return
-                if time.monotonic() > deadline:
-                    raise
-                log.warning("publish of version %d failed (%s); retrying", version, exc)
-            except WeightsClientError as exc:
-                if time.monotonic() > deadline:
-                    raise
-                log.warning("weights service not reachable (%s); retrying", exc)
-            time.sleep(1.0)
-
-    return publish
 
 
 def held_out_accuracy(
@@ -152,11 +112,11 @@ class TrainingLoop:
 def finish(
     settings: Settings, learner: Learner, model: Any, tokenizer: PreTrainedTokenizerBase
 ) -> None:
-    """After a clean stop: checkpoint, publish what is unpublished, save the final model."""
+    """After a clean stop: checkpoint, publish what is unpublished (and wait until the store
+    has it), save the final model."""
     learner.stop_followers()
     learner.checkpoint()
-    if learner.published_version < learner.version:
-        learner.publish()
+    learner.finish_publishing()
     final = Path(settings.run_dir) / "final"
     model.save_pretrained(str(final))
     tokenizer.save_pretrained(str(final))

@@ -21,7 +21,7 @@ from asympo.config import Settings
 from asympo.losses import needs_behaviour_logprobs
 from asympo.model.loading import load_causal_lm, load_tokenizer, resolve_model_path
 from asympo.preflight import check_against_model, task_prompts
-from asympo.probe import probe_tokens
+from asympo.probe import make_probe, probe_tokens
 from asympo.redis_conn import connect
 from asympo.run_log import METRICS_FILE, MetricsWriter
 from asympo.service import Service, configure_logging
@@ -31,7 +31,8 @@ from asympo.weights_client import WeightsClient
 from services.learner import metrics
 from services.learner.distributed import init_distributed, wrap_ddp
 from services.learner.learner import Learner, follow
-from services.learner.loop import TrainingLoop, finish, weights_publisher
+from services.learner.loop import TrainingLoop, finish
+from services.learner.publisher import BackgroundPublisher, store_sink
 from services.learner.server import start_grpc
 
 log = logging.getLogger("asympo.learner")
@@ -70,12 +71,17 @@ def run(settings: Settings) -> None:
         writer = MetricsWriter(Path(settings.run_dir) / METRICS_FILE, open_trackers(settings))
         svc.closing(writer.close)
         probe = probe_tokens(int(model.config.vocab_size))
+        publisher = BackgroundPublisher(
+            store_sink(client, {"loss": lc.loss}),
+            lambda m: make_probe(m, probe, settings.rollout.probe_tolerance),
+        )
+        svc.closing(publisher.close)
         learner = Learner(
             settings,
             redis_client,
             trained,
             task=task,
-            publisher=weights_publisher(settings, client, probe),
+            publisher=publisher,
             metrics_writer=writer,
             pad_id=pad_id,
             dist_info=info,

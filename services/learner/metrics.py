@@ -93,3 +93,20 @@ GROUPS_DROPPED_STALE = Counter(
 PROMPTS_ADMITTED = Counter(
     "asympo_prompts_admitted_total", "Prompts admitted to the prompts stream", registry=REGISTRY
 )
+PUBLISH_BLOCKED_SECONDS = Histogram(
+    "asympo_learner_publish_blocked_seconds",
+    "Time the training loop was blocked per publish (snapshot to host memory + probe)",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+PUBLISH_LATENCY_SECONDS = Histogram(
+    "asympo_learner_publish_latency_seconds",
+    "From a version's snapshot until the store has it verified and announced",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+    registry=REGISTRY,
+)
+PUBLISH_REPLACED = Counter(
+    "asympo_learner_publish_replaced_total",
+    "Queued snapshots replaced by a newer one before they were published",
+    registry=REGISTRY,
+)

@@ -24,6 +24,7 @@ from asympo.streams import Consumer, Producer, decode
 from asympo.tasks import load_task
 from asympo.v1 import learner_pb2, learner_pb2_grpc, records_pb2
 from services.learner.learner import CONSUMER_GROUP, Learner
+from services.learner.publisher import BackgroundPublisher, Snapshot
 from services.learner.server import start_grpc
 from tests.unit.test_learner_step import VOCAB, tiny_model
 
@@ -231,6 +232,44 @@ def test_admission_bounds_staleness_with_a_slow_learner_and_fast_rollout(
     finally:
         rollout.stop.set()
         rollout.join(5)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_publish_every_3_drops_nothing_for_staleness_in_a_steady_run(
+    redis_client: redis.Redis, run_id: str, key_prefix: str, tmp_path: Path, background: bool
+) -> None:
+    # Admission bounds by the published version: bounding by the learner's would admit
+    # prompts rollout answers with weights up to publish_every - 1 versions older.
+    settings = settings_for(
+        run_id, tmp_path / "ckpt", max_staleness=2, publish_every=3, checkpoint_every=100
+    )
+    task = load_task("arith", seed=0, train_size=40, eval_size=5)
+    published: list[int] = []
+
+    def publish(version: int, parent: int, model: torch.nn.Module) -> None:
+        published.append(version)
+
+    def sink(snap: Snapshot) -> None:
+        time.sleep(0.05)  # a publish takes a while; training goes on meanwhile
+        published.append(snap.version)
+
+    publisher: Any = BackgroundPublisher(sink) if background else publish
+    learner = Learner(settings, redis_client, tiny_model(), task=task, publisher=publisher)
+    rollout = FastRollout(redis_client, settings)
+    rollout.start()
+    try:
+        records = [learner.step(timeout_s=20) for _ in range(12)]
+        assert all(r is not None for r in records)
+        assert learner.finish_publishing(10)
+        assert learner.counters["groups_dropped_stale"] == 0
+        stalenesses = [r["staleness_max"] for r in records if r is not None]
+        assert max(stalenesses) == 2  # the bound is reached, never passed
+        assert published == [0, 3, 6, 9, 12]
+    finally:
+        rollout.stop.set()
+        rollout.join(5)
+        if isinstance(publisher, BackgroundPublisher):
+            publisher.close()
 
 
 def test_stale_groups_are_dropped_and_counted(
