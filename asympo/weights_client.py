@@ -12,10 +12,14 @@ Rollout::
     for announcement in client.watch(after_version=current): ...
 
 ``fetch`` stages bytes in ``<dest_root>/.partial-<version>/``, resumes shards already
-partly there (after an interruption, or a restart), checks every sha256 and size
-against the manifest, and only then renames the directory to ``<dest_root>/<version>/``
-(zero-padded, see :func:`asympo.weight_store.version_dirname`). A mismatch raises
-:class:`WeightsIntegrityError` and leaves every complete local version untouched.
+partly there (after an interruption, or a restart), checks every digest (BLAKE3, or
+sha256 for older manifests) and size against the manifest while the bytes arrive, and
+only then renames the directory to ``<dest_root>/<version>/`` (zero-padded, see
+:func:`asympo.weight_store.version_dirname`). A mismatch raises
+:class:`WeightsIntegrityError` and leaves every complete local version untouched. A
+version of several shards is fetched over one stream per shard, in parallel. Nothing is
+fsynced: a fetched copy is a cache, verified before it is renamed into place, and after
+a machine crash it is fetched again.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -31,9 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import blake3
 import grpc
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
 from asympo.config import Settings
 from asympo.serving import bearer_metadata, client_channel
@@ -41,9 +45,10 @@ from asympo.v1 import records_pb2, weights_pb2, weights_pb2_grpc
 from asympo.weight_store import (
     MANIFEST_NAME,
     BackgroundHash,
-    file_sha256,
+    file_digest,
     manifest_from_json,
     manifest_to_json,
+    shard_digest,
     version_dirname,
 )
 
@@ -116,11 +121,11 @@ def _safetensors_state(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torc
     return out
 
 
-def write_shards(
-    state_dict: Mapping[str, torch.Tensor], directory: Path, max_shard_bytes: int = 2 << 30
-) -> list[Path]:
-    """Save a state dict as ``model-00001.safetensors``, ... of at most ``max_shard_bytes``
-    (a tensor larger than that gets a shard of its own)."""
+def shard_groups(
+    state_dict: Mapping[str, torch.Tensor], max_shard_bytes: int = 2 << 30
+) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    """``(file name, tensors)`` of each shard: ``model-00001.safetensors``, ... of at most
+    ``max_shard_bytes`` (a tensor larger than that gets a shard of its own)."""
     tensors = _safetensors_state(state_dict)
     groups: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -131,12 +136,22 @@ def write_shards(
             size = 0
         groups[-1][name] = t
         size += nbytes
+    return [(f"model-{i:05d}.safetensors", g) for i, g in enumerate(groups, start=1)]
+
+
+def write_shards(
+    state_dict: Mapping[str, torch.Tensor], directory: Path, max_shard_bytes: int = 2 << 30
+) -> list[Path]:
+    """Save a state dict as safetensors shards in ``directory`` (see :func:`shard_groups`)."""
     paths = []
-    for i, group in enumerate(groups, start=1):
-        path = directory / f"model-{i:05d}.safetensors"
-        save_file(group, str(path))
-        paths.append(path)
+    for name, group in shard_groups(state_dict, max_shard_bytes):
+        save_file(group, str(directory / name))
+        paths.append(directory / name)
     return paths
+
+
+def _blake3_hex(data: bytes) -> str:
+    return str(blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest())
 
 
 def build_manifest(
@@ -146,16 +161,12 @@ def build_manifest(
     probe: records_pb2.Probe | None = None,
     metadata: Mapping[str, str] | None = None,
 ) -> records_pb2.WeightsManifest:
-    """A manifest with the size and sha256 of every shard (dtypes are filled by the server)."""
+    """A manifest with the size and BLAKE3 of every shard (dtypes are filled by the server)."""
     manifest = records_pb2.WeightsManifest(
         version=version, parent_version=parent_version, created_at=time.time()
     )
-    # One thread per shard (up to the cores): hashlib releases the GIL.
-    workers = max(1, min(len(shard_paths), os.cpu_count() or 1, 8))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        digests = list(pool.map(file_sha256, shard_paths))
-    for path, digest in zip(shard_paths, digests, strict=True):
-        manifest.shards.add(name=path.name, sha256=digest, size=path.stat().st_size)
+    for path in shard_paths:  # each hash already uses every core
+        manifest.shards.add(name=path.name, blake3=file_digest(path), size=path.stat().st_size)
     if probe is not None:
         manifest.probe.CopyFrom(probe)
     manifest.metadata.update(metadata or {})
@@ -175,8 +186,10 @@ class WeightsClient:
         tls_ca_file: str = "",
         tls: bool = False,
         timeout_s: float = 600.0,
+        parallel_streams: int = 4,
     ) -> None:
         self.target = target
+        self.parallel_streams = parallel_streams
         self._token = token
         self.chunk_bytes = chunk_bytes
         self.timeout_s = timeout_s
@@ -268,16 +281,27 @@ class WeightsClient:
                 manifest = manifest_from_json(staged_manifest.read_text())
             else:
                 manifest, received = self._stream_version(version, partial, digests)
-            for info in manifest.shards:
-                received += self._fetch_shard(
-                    manifest, info, partial / info.name, retries, digests.get(info.name)
-                )
+            # Shards the single stream did not bring (several shards: it stops after the
+            # manifest; or it was interrupted) come over one stream each, in parallel.
+            workers = max(1, min(len(manifest.shards), self.parallel_streams))
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch") as pool:
+                futures = [
+                    pool.submit(
+                        self._fetch_shard,
+                        manifest,
+                        info,
+                        partial / info.name,
+                        retries,
+                        digests.get(info.name),
+                    )
+                    for info in manifest.shards
+                ]
+                received += sum(f.result() for f in futures)
         except WeightsIntegrityError:
             shutil.rmtree(partial, ignore_errors=True)
             raise
         staged_manifest.unlink()
         (partial / MANIFEST_NAME).write_text(manifest_to_json(manifest))
-        _fsync_tree(partial)
         os.rename(partial, final)
         log.info("fetched version %d into %s (%d bytes)", version, final, received)
         return FetchResult(final, manifest, received)
@@ -285,8 +309,9 @@ class WeightsClient:
     def _stream_version(
         self, version: int, partial: Path, digests: dict[str, BackgroundHash]
     ) -> tuple[records_pb2.WeightsManifest, int]:
-        """Fetch every shard in one stream (the common case). A transient failure after the
-        manifest arrived is left to the per-shard resume; returns (manifest, bytes)."""
+        """Fetch a one-shard version in one stream (the common case); for several shards
+        stop after the manifest (the caller fetches them in parallel). A transient failure
+        after the manifest arrived is left to the per-shard resume; returns (manifest, bytes)."""
         call = self.stub.Fetch(
             weights_pb2.FetchRequest(version=version, chunk_bytes=self.chunk_bytes),
             timeout=self.timeout_s,
@@ -303,6 +328,8 @@ class WeightsClient:
                             f"asked for version {version}, got {manifest.version}"
                         )
                     (partial / PARTIAL_MANIFEST_NAME).write_text(manifest_to_json(manifest))
+                    if len(manifest.shards) > 1 and self.parallel_streams > 1:
+                        break
                     continue
                 data = chunk.data
                 if manifest is None or data.shard not in {s.name for s in manifest.shards}:
@@ -310,7 +337,8 @@ class WeightsClient:
                 f = files.get(data.shard)
                 if f is None:
                     f = files[data.shard] = (partial / data.shard).open("wb")
-                    digests[data.shard] = BackgroundHash()
+                    info = next(s for s in manifest.shards if s.name == data.shard)
+                    digests[data.shard] = BackgroundHash(shard_digest(info)[0])
                 if data.offset != f.tell():
                     raise WeightsIntegrityError(
                         f"out-of-order data for {data.shard}: offset {data.offset}, "
@@ -349,8 +377,9 @@ class WeightsClient:
         if path.exists() and path.stat().st_size > info.size:
             path.unlink()
             digest = None
+        algorithm, expected = shard_digest(info)
         if digest is None or not path.exists():
-            digest = BackgroundHash()
+            digest = BackgroundHash(algorithm)
             if path.exists():
                 with path.open("rb") as f:
                     while block := f.read(4 << 20):
@@ -375,11 +404,11 @@ class WeightsClient:
                 )
         actual = digest.hexdigest()
         digest.close()
-        if actual != info.sha256:
+        if actual != expected:
             path.unlink()
             raise WeightsIntegrityError(
-                f"shard {info.name} of version {manifest.version}: sha256 {actual} "
-                f"does not match the manifest's {info.sha256}; refusing these weights"
+                f"shard {info.name} of version {manifest.version}: {algorithm} {actual} "
+                f"does not match the manifest's {expected}; refusing these weights"
             )
         return received
 
@@ -401,8 +430,8 @@ class WeightsClient:
             for chunk in call:
                 kind = chunk.WhichOneof("kind")
                 if kind == "manifest":
-                    shards = {s.name: (s.sha256, s.size) for s in chunk.manifest.shards}
-                    if shards.get(info.name) != (info.sha256, info.size):
+                    shards = {s.name: (shard_digest(s), s.size) for s in chunk.manifest.shards}
+                    if shards.get(info.name) != (shard_digest(info), info.size):
                         raise WeightsIntegrityError(
                             f"version {version} changed on the server while being fetched"
                         )
@@ -445,26 +474,58 @@ class WeightsClient:
         metadata: Mapping[str, str] | None = None,
         max_shard_bytes: int = 2 << 30,
     ) -> records_pb2.WeightsManifest:
-        """Write ``state_dict`` as safetensors shards in a temp dir and publish them."""
-        with tempfile.TemporaryDirectory(prefix="asympo-publish-") as tmp:
-            write_shards(state_dict, Path(tmp), max_shard_bytes)
-            return self.publish_dir(tmp, version, parent_version, probe, metadata)
+        """Publish ``state_dict`` as safetensors shards, straight from memory.
+
+        Nothing touches the disk on this side: each shard is serialised in memory and
+        hashed (BLAKE3, every core) for the manifest, then serialised again while it
+        streams, so at most one shard's bytes are held beside the tensors.
+        """
+        groups = shard_groups(state_dict, max_shard_bytes)
+        manifest = records_pb2.WeightsManifest(
+            version=version, parent_version=parent_version, created_at=time.time()
+        )
+        for name, group in groups:
+            blob = save(group)
+            manifest.shards.add(name=name, blake3=_blake3_hex(blob), size=len(blob))
+            del blob
+        if probe is not None:
+            manifest.probe.CopyFrom(probe)
+        manifest.metadata.update(metadata or {})
+
+        def blocks() -> Iterator[tuple[str, int, bytes]]:
+            for name, group in groups:
+                view = memoryview(save(group))
+                for offset in range(0, len(view), self.chunk_bytes):
+                    yield name, offset, bytes(view[offset : offset + self.chunk_bytes])
+
+        return self._publish(manifest, blocks())
 
     def publish_manifest(
         self, manifest: records_pb2.WeightsManifest, directory: Path
     ) -> records_pb2.WeightsManifest:
         """Stream ``manifest`` then each listed shard from ``directory``."""
 
-        def messages() -> Iterator[weights_pb2.PublishChunk]:
-            yield weights_pb2.PublishChunk(manifest=manifest)
+        def blocks() -> Iterator[tuple[str, int, bytes]]:
             for info in manifest.shards:
                 with (directory / info.name).open("rb") as f:
                     offset = 0
                     while block := f.read(self.chunk_bytes):
-                        yield weights_pb2.PublishChunk(
-                            data=weights_pb2.ShardData(shard=info.name, offset=offset, data=block)
-                        )
+                        yield info.name, offset, block
                         offset += len(block)
+
+        return self._publish(manifest, blocks())
+
+    def _publish(
+        self, manifest: records_pb2.WeightsManifest, blocks: Iterator[tuple[str, int, bytes]]
+    ) -> records_pb2.WeightsManifest:
+        """Stream ``manifest`` then the ``(shard, offset, bytes)`` blocks of its shards."""
+
+        def messages() -> Iterator[weights_pb2.PublishChunk]:
+            yield weights_pb2.PublishChunk(manifest=manifest)
+            for name, offset, block in blocks:
+                yield weights_pb2.PublishChunk(
+                    data=weights_pb2.ShardData(shard=name, offset=offset, data=block)
+                )
 
         try:
             self.stub.Publish(
@@ -483,6 +544,25 @@ class WeightsClient:
         return manifest
 
 
+def open_shared(store_root: str | Path, version: int) -> FetchResult | None:
+    """``version`` in place in a weight store directory this process can read (the same
+    node, or a ReadWriteMany volume), without a copy; None when it is not there whole.
+
+    Checks the stored manifest (written by the store after it verified every shard) and
+    that every shard has its declared size; the bytes are not re-hashed — the probe
+    check after the load is what proves the weights.
+    """
+    directory = Path(store_root) / "versions" / version_dirname(version)
+    try:
+        manifest = manifest_from_json((directory / MANIFEST_NAME).read_text())
+        sizes_ok = all((directory / s.name).stat().st_size == s.size for s in manifest.shards)
+    except (OSError, ValueError):
+        return None
+    if manifest.version != version or not manifest.shards or not sizes_ok:
+        return None
+    return FetchResult(directory, manifest, 0)
+
+
 def prune_local(dest_root: str | Path, keep: set[int]) -> list[int]:
     """Delete fetched versions in ``dest_root`` except ``keep``; returns what went."""
     removed = []
@@ -491,14 +571,3 @@ def prune_local(dest_root: str | Path, keep: set[int]) -> list[int]:
             shutil.rmtree(child, ignore_errors=True)
             removed.append(int(child.name))
     return sorted(removed)
-
-
-def _fsync_tree(directory: Path) -> None:
-    for child in directory.iterdir():
-        with child.open("rb") as f:
-            os.fsync(f.fileno())
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -1,8 +1,10 @@
 """Follow the weights stream and swap each newer version into the engine.
 
 Every replica reads the whole weights stream (plain XREAD, no consumer group: each
-announcement is for everyone). A version is fetched and sha-verified by the weights
-client, then offered to the swapper, which proves it with the probe or refuses it.
+announcement is for everyone). A version is fetched and verified (BLAKE3) by the
+weights client — or, with ``rollout.shared_store_dir`` set, opened in place in the
+store (see :func:`asympo.weights_client.open_shared`) — then offered to the swapper,
+which proves it with the probe or refuses it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import redis
 from asympo.config import Settings
 from asympo.streams import DecodeFailure, decode
 from asympo.v1 import records_pb2
-from asympo.weights_client import WeightsClient, WeightsClientError, prune_local
+from asympo.weights_client import WeightsClient, WeightsClientError, open_shared, prune_local
 from services.rollout import metrics
 from services.rollout.swap import SwapOutcome, WeightSwapper
 
@@ -36,6 +38,7 @@ class VersionFollower:
         swapper: WeightSwapper,
         work_dir: Path,
         tolerance: float,
+        shared_store_dir: Path | None = None,
     ) -> None:
         self.redis = client
         self.stream_key = stream_key
@@ -43,6 +46,7 @@ class VersionFollower:
         self.swapper = swapper
         self.work_dir = work_dir
         self.tolerance = tolerance
+        self.shared_store_dir = shared_store_dir
         self.refused: set[int] = set()
         self.stop_event = threading.Event()
         self.outcomes: list[SwapOutcome] = []
@@ -65,6 +69,7 @@ class VersionFollower:
             swapper,
             Path(settings.rollout.work_dir) / "weights",
             settings.rollout.probe_tolerance,
+            Path(settings.rollout.shared_store_dir) if settings.rollout.shared_store_dir else None,
         )
 
     def apply(self, version: int) -> SwapOutcome | None:
@@ -72,8 +77,9 @@ class VersionFollower:
         if version <= self.swapper.version or version in self.refused:
             return None
         start = time.monotonic()
+        shared = open_shared(self.shared_store_dir, version) if self.shared_store_dir else None
         try:
-            result = self.weights.fetch_into(version, self.work_dir)
+            result = shared or self.weights.fetch_into(version, self.work_dir)
         except WeightsClientError as exc:
             log.error("cannot fetch version %d: %s", version, exc)
             return None
@@ -81,7 +87,8 @@ class VersionFollower:
         seconds = time.monotonic() - start
         if outcome.accepted:
             metrics.SWAP_SECONDS.observe(seconds)
-            prune_local(self.work_dir, keep={outcome.version})
+            if shared is None:
+                prune_local(self.work_dir, keep={outcome.version})
         else:
             self.refused.add(version)
         self.outcomes.append(outcome)

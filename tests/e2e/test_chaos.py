@@ -402,7 +402,7 @@ def audit(
     order = []
     for _, fields in entries(client, key(streams.weights)):
         ann = decode(fields, records_pb2.VersionAnnouncement)
-        shas = sorted(s.sha256 for s in ann.manifest.shards)
+        shas = sorted(s.blake3 or s.sha256 for s in ann.manifest.shards)
         assert announced.setdefault(ann.version, shas) == shas, f"v{ann.version} changed"
         order.append(ann.version)
     assert order == sorted(order), f"announced versions went backwards: {order}"

@@ -29,7 +29,7 @@ from asympo.config import Settings, StreamSettings
 from asympo.redis_conn import connect
 from asympo.streams import decode
 from asympo.v1 import records_pb2, weights_pb2, weights_pb2_grpc
-from asympo.weight_store import manifest_to_json, version_dirname
+from asympo.weight_store import file_sha256, manifest_to_json, version_dirname
 from asympo.weights_client import (
     PARTIAL_MANIFEST_NAME,
     PublishRejected,
@@ -37,6 +37,7 @@ from asympo.weights_client import (
     WeightsIntegrityError,
     WeightsNotFound,
     build_manifest,
+    open_shared,
     write_shards,
 )
 from services.weights import metrics
@@ -168,11 +169,48 @@ def test_corrupted_shard_detected_and_live_version_stays(
     src.mkdir()
     write_shards(small_state(3), src)
     manifest = build_manifest(sorted(src.glob("*.safetensors")), version=3, parent_version=2)
-    manifest.shards[0].sha256 = "0" * 64
+    manifest.shards[0].blake3 = "0" * 64
     with pytest.raises(PublishRejected, match="DATA_LOSS"):
         client.publish_manifest(manifest, src)
     latest = client.latest()
     assert latest is not None and latest.version == 2
+
+
+def test_manifests_with_sha256_only_still_publish_and_fetch_verified(
+    service: WeightsService, client: WeightsClient, tmp_path: Path
+) -> None:
+    # Versions stored before BLAKE3 carry a sha256 per shard: they stay readable.
+    src = tmp_path / "src"
+    src.mkdir()
+    paths = write_shards(small_state(4), src)
+    manifest = build_manifest(paths, version=1)
+    assert all(s.blake3 and not s.sha256 for s in manifest.shards)
+    for info, path in zip(manifest.shards, paths, strict=True):
+        info.blake3 = ""
+        info.sha256 = file_sha256(path)
+    client.publish_manifest(manifest, src)
+    fetched = client.fetch(1, tmp_path / "dest")
+    assert (fetched / paths[0].name).read_bytes() == paths[0].read_bytes()
+    manifest.version, manifest.shards[0].sha256 = 2, "0" * 64
+    with pytest.raises(PublishRejected, match="DATA_LOSS"):
+        client.publish_manifest(manifest, src)
+
+
+def test_shared_volume_opens_a_stored_version_in_place_or_not_at_all(
+    service: WeightsService, client: WeightsClient
+) -> None:
+    root = service.store.root
+    assert open_shared(root, 1) is None  # not published
+    client.publish_state_dict(small_state(5), version=1)
+    opened = open_shared(root, 1)
+    assert opened is not None and opened.path == service.store.path(1)
+    assert opened.bytes_received == 0 and opened.manifest == service.store.manifest(1)
+    loaded = load_file(str(opened.path / opened.manifest.shards[0].name))
+    assert all(torch.equal(loaded[k], v) for k, v in small_state(5).items())
+    shard = opened.path / opened.manifest.shards[0].name
+    with shard.open("ab") as f:  # a shard that is not the declared size is not used
+        f.write(b"x")
+    assert open_shared(root, 1) is None
 
 
 def test_interrupted_publish_never_visible_and_concurrent_fetches_see_complete_versions(
@@ -305,7 +343,7 @@ def test_fetch_resumes_a_partial_shard(
     (partial / shard.name).write_bytes(b"\0" * 5000)
     (partial / PARTIAL_MANIFEST_NAME).write_text(manifest_to_json(manifest))
     shutil.rmtree(result.path)
-    with pytest.raises(WeightsIntegrityError, match="sha256"):
+    with pytest.raises(WeightsIntegrityError, match="blake3"):
         client.fetch(0, dest)
     assert client.fetch(0, dest) == result.path  # the bad partial was thrown away
 
@@ -361,7 +399,7 @@ def test_hostile_requests_get_clear_statuses(
     )
     stale = records_pb2.WeightsManifest()
     stale.CopyFrom(manifest)
-    stale.shards[0].sha256 = "1" * 64
+    stale.shards[0].blake3 = "1" * 64
     assert publish_status(weights_pb2.PublishChunk(manifest=stale)) == (
         grpc.StatusCode.ALREADY_EXISTS
     )
