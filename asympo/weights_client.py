@@ -24,9 +24,11 @@ a machine crash it is fetched again.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import struct
 import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +39,7 @@ from typing import BinaryIO
 import blake3
 import grpc
 import torch
-from safetensors.torch import save, save_file
+from safetensors.torch import save_file
 
 from asympo.config import Settings
 from asympo.serving import bearer_metadata, client_channel
@@ -150,8 +152,62 @@ def write_shards(
     return paths
 
 
-def _blake3_hex(data: bytes) -> str:
-    return str(blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest())
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def safetensors_parts(tensors: Mapping[str, torch.Tensor]) -> list[memoryview]:
+    """The bytes of a safetensors file of ``tensors`` as parts: the header, then each
+    tensor's own memory (no copy; the tensors must stay unchanged while the parts are
+    used). Joined, they are a file ``safetensors.torch.load`` reads back bit for bit;
+    ``safetensors.torch.save`` would copy every byte first, at a fraction of memcpy speed.
+    """
+    header: dict[str, object] = {}
+    parts: list[memoryview] = []
+    offset = 0
+    for name, t in tensors.items():
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {name!r}: dtype {t.dtype} has no safetensors name")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        flat = t.detach().reshape(-1)
+        parts.append(memoryview(flat.view(torch.uint8).numpy()) if nbytes else memoryview(b""))
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    return [memoryview(struct.pack("<Q", len(raw)) + raw), *parts]
+
+
+def _chunks(parts: list[memoryview], chunk_bytes: int) -> Iterator[bytes]:
+    """The concatenation of ``parts`` in pieces of ``chunk_bytes`` (the last one shorter)."""
+    pending: list[memoryview] = []
+    size = 0
+    for part in parts:
+        start = 0
+        while start < len(part):
+            take = min(chunk_bytes - size, len(part) - start)
+            pending.append(part[start : start + take])
+            size += take
+            start += take
+            if size == chunk_bytes:
+                yield b"".join(pending)
+                pending, size = [], 0
+    if pending:
+        yield b"".join(pending)
 
 
 def build_manifest(
@@ -476,27 +532,33 @@ class WeightsClient:
     ) -> records_pb2.WeightsManifest:
         """Publish ``state_dict`` as safetensors shards, straight from memory.
 
-        Nothing touches the disk on this side: each shard is serialised in memory and
-        hashed (BLAKE3, every core) for the manifest, then serialised again while it
-        streams, so at most one shard's bytes are held beside the tensors.
+        Nothing touches the disk on this side and nothing is serialised: each shard is
+        its safetensors header plus the tensors' own memory (:func:`safetensors_parts`),
+        hashed (BLAKE3, every core) for the manifest, then streamed in chunks.
         """
-        groups = shard_groups(state_dict, max_shard_bytes)
+        shards = [
+            (name, safetensors_parts(g)) for name, g in shard_groups(state_dict, max_shard_bytes)
+        ]
         manifest = records_pb2.WeightsManifest(
             version=version, parent_version=parent_version, created_at=time.time()
         )
-        for name, group in groups:
-            blob = save(group)
-            manifest.shards.add(name=name, blake3=_blake3_hex(blob), size=len(blob))
-            del blob
+        for name, parts in shards:
+            digest = blake3.blake3(max_threads=blake3.blake3.AUTO)
+            for part in parts:
+                digest.update(part)
+            manifest.shards.add(
+                name=name, blake3=digest.hexdigest(), size=sum(len(p) for p in parts)
+            )
         if probe is not None:
             manifest.probe.CopyFrom(probe)
         manifest.metadata.update(metadata or {})
 
         def blocks() -> Iterator[tuple[str, int, bytes]]:
-            for name, group in groups:
-                view = memoryview(save(group))
-                for offset in range(0, len(view), self.chunk_bytes):
-                    yield name, offset, bytes(view[offset : offset + self.chunk_bytes])
+            for name, parts in shards:
+                offset = 0
+                for block in _chunks(parts, self.chunk_bytes):
+                    yield name, offset, block
+                    offset += len(block)
 
         return self._publish(manifest, blocks())
 

@@ -3,14 +3,24 @@
 Runs `asympo serve weights` as a separate process on this machine, builds a random
 safetensors checkpoint (default 128 MB in 4 shards), then measures in one run:
 
-* copy:    shutil.copyfile of the same shard files + fsync (the durable-copy baseline)
-* publish: WeightsClient.publish_dir (client hashes, streams; server verifies, fsyncs, renames)
-* fetch:   WeightsClient.fetch into an empty directory (hash-verified, fsynced, renamed)
-* latency: a watcher thread (Watch + fetch) — time from the start of a publish until the
-           announcement arrives, and until the version sits verified on the fetching client.
+* copy:      shutil.copyfile of the same shard files + fsync (the durable-copy baseline;
+             ``copy_nofsync`` without the fsync, for reference)
+* publish:   WeightsClient.publish_dir (client BLAKE3s the files, streams; the server
+             verifies while receiving, fsyncs, renames)
+* publish_mem: WeightsClient.publish_state_dict from tensors in memory (the learner's path)
+* fetch:     WeightsClient.fetch into an empty directory (one stream per shard in parallel,
+             BLAKE3-verified while receiving, renamed; ``fetch_1stream`` with one stream)
+* shared:    open_shared — a replica that reads the store's volume opens it in place
+* snapshot:  what the learner is blocked for per publish with the background publisher
+             (state dict copied into reused host buffers)
+* broadcast: rank 0 -> one receiver process over the standalone gloo group of
+             asympo/weight_broadcast.py (the direct path's transport)
+* latency:   a watcher thread (Watch + fetch) — time from the start of a publish until the
+             announcement arrives, and until the version sits verified on the fetching client.
 
-Prints the medians and the throughput ratios (target: publish and fetch >= 0.5 x copy).
-    .venv/bin/python bench/weights.py [--mb 128] [--shards 4] [--repeats 3]
+Prints the medians and the throughput ratios (target: publish and fetch >= 0.5 x copy,
+broadcast >= 1 x copy).
+    .venv/bin/python bench/weights.py [--mb 128] [--shards 4] [--repeats 3] [--json]
 """
 
 from __future__ import annotations
@@ -35,7 +45,8 @@ import torch
 
 from asympo.config import WeightsSettings
 from asympo.redis_conn import reachable
-from asympo.weights_client import WeightsClient, write_shards
+from asympo.weights_client import WeightsClient, open_shared, write_shards
+from services.learner.publisher import snapshot_state
 
 TOKEN = "bench-token"
 
@@ -46,24 +57,66 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def make_checkpoint(directory: Path, total_mb: int, shards: int) -> int:
-    """Random float32 tensors of ``total_mb`` MB in ``shards`` files; returns the bytes."""
+def make_checkpoint(
+    directory: Path, total_mb: int, shards: int
+) -> tuple[int, dict[str, torch.Tensor]]:
+    """Random float32 tensors of ``total_mb`` MB in ``shards`` files; (bytes, tensors)."""
     numel = total_mb * (1 << 20) // 4
     per = numel // shards
     g = torch.Generator().manual_seed(0)
     state = {f"layer{i}.weight": torch.randn(per, generator=g) for i in range(shards)}
     write_shards(state, directory, max_shard_bytes=per * 4)
-    return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+    return sum(p.stat().st_size for p in directory.glob("*.safetensors")), state
 
 
-def plain_copy(src: Path, dst: Path) -> None:
+RECEIVER = """
+import json, sys, torch
+from asympo.weight_broadcast import BroadcastGroup, Layout
+port, n = int(sys.argv[1]), int(sys.argv[2])
+shapes = json.loads(sys.argv[3])
+state = {k: torch.empty(v) for k, v in shapes.items()}
+group = BroadcastGroup("127.0.0.1", port, 1, 2, Layout.of(state))
+for _ in range(n):
+    group.receive()
+group.close()
+"""
+
+
+def broadcast_seconds(state: dict[str, torch.Tensor], repeats: int) -> list[float]:
+    """Seconds per broadcast of ``state`` to one receiver process (after one warm-up)."""
+    from asympo.weight_broadcast import BroadcastGroup, Layout
+
+    port = _free_port()
+    shapes = json.dumps({k: list(v.shape) for k, v in state.items()})
+    child = subprocess.Popen(
+        [sys.executable, "-c", RECEIVER, str(port), str(repeats + 1), shapes],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        group = BroadcastGroup("127.0.0.1", port, 0, 2, Layout.of(state))
+        group.send(0, state)  # warm-up: connections, buffers
+        times = []
+        for rep in range(repeats):
+            t = time.perf_counter()
+            group.send(rep + 1, state)
+            times.append(time.perf_counter() - t)
+        child.wait(120)
+        group.close()
+        return times
+    finally:
+        if child.poll() is None:
+            child.kill()
+
+
+def plain_copy(src: Path, dst: Path, fsync: bool = True) -> None:
     """Copy every shard and fsync it (the weights service fsyncs what it stores too)."""
     dst.mkdir()
     for path in sorted(src.glob("*.safetensors")):
         target = dst / path.name
         shutil.copyfile(path, target)
-        with target.open("rb") as f:
-            os.fsync(f.fileno())
+        if fsync:
+            with target.open("rb") as f:
+                os.fsync(f.fileno())
 
 
 def start_server(work: Path, run_id: str, chunk: int) -> tuple[subprocess.Popen[bytes], int, int]:
@@ -113,6 +166,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk-kb", type=int, default=0, help="0 = weights.chunk_bytes default")
+    parser.add_argument("--json", action="store_true", help="print only the JSON result")
     args = parser.parse_args()
     chunk = args.chunk_kb * 1024 or WeightsSettings().chunk_bytes
     run_id = f"bench-{uuid.uuid4().hex[:8]}"
@@ -120,21 +174,38 @@ def main() -> None:
         work = Path(tmp)
         src = work / "checkpoint"
         src.mkdir()
-        nbytes = make_checkpoint(src, args.mb, args.shards)
+        nbytes, state = make_checkpoint(src, args.mb, args.shards)
         proc, grpc_port, _ = start_server(work, run_id, chunk)
         copy_s: list[float] = []
+        copy_nofsync_s: list[float] = []
         publish_s: list[float] = []
+        publish_mem_s: list[float] = []
         fetch_s: list[float] = []
+        fetch1_s: list[float] = []
+        shared_s: list[float] = []
+        snapshot_s: list[float] = []
         announce_s: list[float] = []
         available_s: list[float] = []
+        module = torch.nn.Module()
+        for i, tensor in enumerate(state.values()):
+            module.register_buffer(f"b{i}", tensor)  # a "model" whose state is the checkpoint
+        buffers: dict[str, torch.Tensor] | None = None
         try:
             client = WeightsClient(f"127.0.0.1:{grpc_port}", token=TOKEN, chunk_bytes=chunk)
             watcher = WeightsClient(f"127.0.0.1:{grpc_port}", chunk_bytes=chunk)
+            single = WeightsClient(f"127.0.0.1:{grpc_port}", chunk_bytes=chunk, parallel_streams=1)
             for rep in range(args.repeats):
                 t = time.perf_counter()
                 plain_copy(src, work / f"copy{rep}")
                 copy_s.append(time.perf_counter() - t)
                 shutil.rmtree(work / f"copy{rep}")
+                t = time.perf_counter()
+                plain_copy(src, work / f"copy{rep}", fsync=False)
+                copy_nofsync_s.append(time.perf_counter() - t)
+                shutil.rmtree(work / f"copy{rep}")
+                t = time.perf_counter()
+                buffers = snapshot_state(module, buffers)
+                snapshot_s.append(time.perf_counter() - t)
 
                 # Publish version 2*rep while a watcher fetches it as soon as it is announced.
                 version = 2 * rep
@@ -158,14 +229,25 @@ def main() -> None:
                 available_s.append(marks["available"] - t)
                 shutil.rmtree(work / "watcher")
 
-                # A cold fetch (fresh directory) of a second version: throughput alone.
-                client.publish_dir(src, version=version + 1, parent_version=version)
+                # A second version from memory (the learner's path), then cold fetches
+                # (fresh directories) of it: throughput alone.
+                t = time.perf_counter()
+                client.publish_state_dict(state, version=version + 1, parent_version=version)
+                publish_mem_s.append(time.perf_counter() - t)
                 t = time.perf_counter()
                 client.fetch(version + 1, work / f"fetch{rep}")
                 fetch_s.append(time.perf_counter() - t)
                 shutil.rmtree(work / f"fetch{rep}")
+                t = time.perf_counter()
+                single.fetch(version + 1, work / f"fetch{rep}")
+                fetch1_s.append(time.perf_counter() - t)
+                shutil.rmtree(work / f"fetch{rep}")
+                t = time.perf_counter()
+                assert open_shared(work / "store", version + 1) is not None
+                shared_s.append(time.perf_counter() - t)
             client.close()
             watcher.close()
+            single.close()
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -173,9 +255,11 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
             _drop_stream(run_id)
+        bcast_s = broadcast_seconds(state, args.repeats)
 
     mb = nbytes / 1e6
     copy, pub, fet = (statistics.median(x) for x in (copy_s, publish_s, fetch_s))
+    pub_mem, fet1, bcast = (statistics.median(x) for x in (publish_mem_s, fetch1_s, bcast_s))
     result = {
         "checkpoint_mb": round(mb, 1),
         "shards": args.shards,
@@ -188,9 +272,22 @@ def main() -> None:
         "fetch_mb_s": round(mb / fet, 1),
         "publish_vs_copy": round(copy / pub, 3),
         "fetch_vs_copy": round(copy / fet, 3),
+        "copy_nofsync_mb_s": round(mb / statistics.median(copy_nofsync_s), 1),
+        "publish_mem_mb_s": round(mb / pub_mem, 1),
+        "publish_mem_vs_copy": round(copy / pub_mem, 3),
+        "fetch_1stream_mb_s": round(mb / fet1, 1),
+        "fetch_1stream_vs_copy": round(copy / fet1, 3),
+        "shared_open_s": round(statistics.median(shared_s), 4),
+        "snapshot_s": round(statistics.median(snapshot_s), 4),
+        "snapshot_mb_s": round(mb / statistics.median(snapshot_s), 1),
+        "broadcast_mb_s": round(mb / bcast, 1),
+        "broadcast_vs_copy": round(copy / bcast, 3),
         "publish_to_announced_s": round(statistics.median(announce_s), 3),
         "publish_to_available_on_client_s": round(statistics.median(available_s), 3),
     }
+    if args.json:
+        print(json.dumps(result))
+        return
     print(
         f"checkpoint: {mb:.1f} MB in {args.shards} safetensors shards, {args.repeats} repeats "
         f"({result['cpus']} CPUs, load {result['load_avg_1m']})"
@@ -202,6 +299,22 @@ def main() -> None:
     )
     print(
         f"fetch (verified) : {result['fetch_mb_s']:8.1f} MB/s (ratio {result['fetch_vs_copy']:.3f})"
+    )
+    print(
+        f"publish_state_dict: {result['publish_mem_mb_s']:8.1f} MB/s "
+        f"(ratio {result['publish_mem_vs_copy']:.3f}; from memory, the learner's path)"
+    )
+    print(
+        f"fetch, 1 stream  : {result['fetch_1stream_mb_s']:8.1f} MB/s "
+        f"(ratio {result['fetch_1stream_vs_copy']:.3f})"
+    )
+    print(
+        f"broadcast (gloo) : {result['broadcast_mb_s']:8.1f} MB/s "
+        f"(ratio {result['broadcast_vs_copy']:.3f})"
+    )
+    print(
+        f"learner blocked per publish (snapshot): {result['snapshot_s']:.4f} s "
+        f"({result['snapshot_mb_s']:.0f} MB/s); shared-volume open: {result['shared_open_s']} s"
     )
     print(
         f"publish start -> announced on Watch: {result['publish_to_announced_s']:.3f} s; "
