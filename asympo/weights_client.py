@@ -34,7 +34,7 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import blake3
 import grpc
@@ -185,7 +185,8 @@ def safetensors_parts(tensors: Mapping[str, torch.Tensor]) -> list[memoryview]:
             "data_offsets": [offset, offset + nbytes],
         }
         flat = t.detach().reshape(-1)
-        parts.append(memoryview(flat.view(torch.uint8).numpy()) if nbytes else memoryview(b""))
+        raw_bytes: Any = flat.view(torch.uint8).numpy()  # shares the tensor's memory
+        parts.append(memoryview(raw_bytes) if nbytes else memoryview(b""))
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
