@@ -196,6 +196,27 @@ def test_manifests_with_sha256_only_still_publish_and_fetch_verified(
         client.publish_manifest(manifest, src)
 
 
+def test_parallel_fetch_of_several_shards_is_bit_identical(
+    service: WeightsService, client: WeightsClient, tmp_path: Path
+) -> None:
+    state = {f"t{i}": torch.randn(3000) for i in range(5)}
+    client.publish_state_dict(state, version=1, max_shard_bytes=13_000)  # one shard each
+    assert len(service.store.manifest(1).shards) == 5
+    with WeightsClient(
+        f"127.0.0.1:{service.grpc_port}", chunk_bytes=4096, parallel_streams=3
+    ) as parallel:
+        result = parallel.fetch_into(1, tmp_path / "dest")
+    assert result.bytes_received == sum(s.size for s in result.manifest.shards)
+    for info in result.manifest.shards:
+        assert (result.path / info.name).read_bytes() == (
+            service.store.path(1) / info.name
+        ).read_bytes()
+    loaded: dict[str, torch.Tensor] = {}
+    for info in result.manifest.shards:
+        loaded.update(load_file(str(result.path / info.name)))
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
 def test_shared_volume_opens_a_stored_version_in_place_or_not_at_all(
     service: WeightsService, client: WeightsClient
 ) -> None:
