@@ -23,6 +23,8 @@ packed CPU kernel handle (``cpu_linear``).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -85,6 +87,23 @@ def repack_kept_cpu_kernels(model: torch.nn.Module) -> int:
     return count
 
 
+def trim_heap() -> bool:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``); False elsewhere.
+
+    A swap frees one full copy of the weights (plus the repacked kernels' scratch) in
+    many blocks; glibc keeps such freed memory in its arenas, so resident memory creeps
+    up from swap to swap although nothing is referenced any more.
+    """
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 class WeightSwapExtension:
     """Mixed into vLLM's worker class; ``self`` is the worker."""
 
@@ -106,3 +125,7 @@ class WeightSwapExtension:
             retie_weights(model, ties, loaded)
             repack_kept_cpu_kernels(model)
         return len(loaded)
+
+    def asympo_trim_memory(self) -> bool:
+        """Return freed heap to the OS (see :func:`trim_heap`)."""
+        return trim_heap()
