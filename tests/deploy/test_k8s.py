@@ -4,8 +4,6 @@ agrees with asympo/config.py on ports, env var names and service names."""
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -15,7 +13,6 @@ import pytest
 import yaml
 
 from asympo.config import Settings
-from tests.deploy.kustomize import json6902, strategic_merge
 from tests.deploy.manifests import K8S, OVERLAYS, SERVICES, effective_settings, overlay, served
 
 Doc = dict[str, Any]
@@ -106,42 +103,6 @@ def rendered(request: pytest.FixtureRequest) -> tuple[str, list[Doc]]:
 
 
 # ----------------------------------------------------------------- rendering
-
-
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
-@pytest.mark.parametrize("name", OVERLAYS)
-def test_renderer_matches_kubectl_kustomize(name: str) -> None:
-    out = subprocess.run(
-        ["kubectl", "kustomize", str(K8S / "overlays" / name)],
-        capture_output=True, text=True, check=True, timeout=60,
-    ).stdout
-    reference = {ident(d): d for d in yaml.safe_load_all(out) if d}
-    ours = {ident(d): d for d in overlay(name)}
-    assert set(ours) == set(reference)
-    for key, doc in reference.items():
-        assert ours[key] == doc, f"{key} renders differently from kubectl kustomize"
-
-
-def test_strategic_merge_and_json_patch_semantics() -> None:
-    base = {"containers": [{"name": "a", "env": [{"name": "X", "value": "1"}],
-                            "resources": {"limits": {"cpu": "1", "nvidia.com/gpu": "1"}}}],
-            "tolerations": [{"key": "t"}]}
-    patch = {"containers": [{"name": "a", "env": [{"name": "Y", "value": "2"}],
-                             "resources": {"limits": {"nvidia.com/gpu": None}}}],
-             "tolerations": [{"key": "u"}]}
-    merged = strategic_merge(base, patch)
-    assert merged["containers"][0]["env"] == [{"name": "Y", "value": "2"},
-                                              {"name": "X", "value": "1"}]
-    assert merged["containers"][0]["resources"]["limits"] == {"cpu": "1"}
-    assert merged["tolerations"] == [{"key": "u"}]  # no merge key: replaced
-    doc = {"spec": {"v": [{"s": "1Gi"}]}}
-    assert json6902(doc, [{"op": "replace", "path": "/spec/v/0/s", "value": "2Gi"}]) == {
-        "spec": {"v": [{"s": "2Gi"}]}}
-    with pytest.raises(ValueError):
-        json6902(doc, [{"op": "replace", "path": "/spec/missing", "value": 1}])
-
-
-# ----------------------------------------------------------------- schemas
 
 
 def test_every_object_validates_against_kubernetes_schemas(rendered: tuple[str, list[Doc]]) -> None:
