@@ -294,7 +294,25 @@ def prom_query(port: int, expr: str) -> list[Any]:
     return list(data["data"]["result"]) if data.get("status") == "success" else []
 
 
-def compose_phase(python: str, work: Path, timeout: float) -> None:
+def init_model(volume: str) -> str:
+    """Build the tiny default model into the stack's model-cache volume; its path there.
+
+    Like `make test` (which runs `asympo init-model` before the tests), so that the
+    services do not race to build it; the volume is the compose project's own, removed
+    by ``down -v``.
+    """
+    run(["podman", "volume", "create", "--label", f"io.podman.compose.project={PROJECT}",
+         volume], timeout=60)
+    out = run(["podman", "run", "--rm", "--network", "none", "-v", f"{volume}:/cache",
+               "--entrypoint", "asympo", f"{IMAGE}:slim", "init-model"], timeout=900).stdout
+    saved = [line.split("saved:", 1)[1].strip() for line in out.splitlines()
+             if line.startswith("saved:")]
+    if not saved:
+        raise DeployTestError(f"asympo init-model printed no path:\n{out[-2000:]}")
+    return saved[-1]
+
+
+def compose_phase(python: str, work: Path, timeout: float, model_path: str) -> None:
     """Bring the cpu profile up, check it end to end, and take it down."""
     token = work / "publish_token"
     token.write_text(secrets.token_hex(32))
@@ -304,8 +322,17 @@ def compose_phase(python: str, work: Path, timeout: float) -> None:
     env = dict(ENV, ASYMPO_IMAGE=IMAGE, REDIS_IMAGE=REDIS_IMAGE,
                PROMETHEUS_IMAGE=PROMETHEUS_IMAGE, ASYMPO_PUBLISH_TOKEN_FILE=str(token),
                ASYMPO_REWARD_REPLICAS="1", **{k: str(v) for k, v in ports.items()})
+    grafana_password = work / "grafana_admin_password"
+    grafana_password.write_text(secrets.token_hex(16))
+    env["GRAFANA_ADMIN_PASSWORD_FILE"] = str(grafana_password)
     deadline = time.monotonic() + timeout
     try:
+        built = init_model(f"{PROJECT}_model-cache")
+        log(f"tiny default model in the model-cache volume: {built}")
+        if model_path == "built":
+            env["ASYMPO_MODEL_PATH"] = built
+        elif model_path:
+            env["ASYMPO_MODEL_PATH"] = model_path
         run(compose_cmd(python, "up", "-d", "--no-build", *COMPOSE_SERVICES), timeout=600,
             env=env)
         names = project_containers()
@@ -368,6 +395,9 @@ def main() -> int:
                         help="comma-separated subset of the phases, in order")
     parser.add_argument("--compose-timeout", type=float, default=1200,
                         help="seconds for the compose stack to become healthy and train")
+    parser.add_argument("--model-path", default="",
+                        help="ASYMPO_MODEL_PATH for the stack: empty = the documented default "
+                             "(the tiny model), 'built' = the path init-model printed")
     parser.add_argument("--kube-timeout", type=float, default=900,
                         help="seconds for every played pod to become ready")
     args = parser.parse_args()
@@ -386,7 +416,7 @@ def main() -> int:
                     build_images(args.python)
             if "compose" in phases:
                 with phase("compose"):
-                    compose_phase(args.python, work, args.compose_timeout)
+                    compose_phase(args.python, work, args.compose_timeout, args.model_path)
             if "kube" in phases:
                 from tests.deploy.live.kube import kube_phase
 
