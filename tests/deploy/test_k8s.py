@@ -421,3 +421,22 @@ def test_prometheus_rule_matches_the_alert_rules() -> None:
     dash = find(gpu, "ConfigMap", "asympo-grafana-dashboard")
     assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(dash["data"]["asympo.json"])["panels"]
+
+
+def _bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity (Gi/Mi) or a Redis size (gb/mb) in bytes."""
+    units = {"Gi": 2**30, "Mi": 2**20, "gb": 2**30, "mb": 2**20}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(float(quantity[: -len(suffix)]) * factor)
+    return int(quantity)
+
+
+def test_redis_memory_is_bounded_without_eviction(rendered: tuple[str, list[Doc]]) -> None:
+    """maxmemory under the container's limit, and noeviction (never drop a stream)."""
+    _, docs = rendered
+    redis = pod_spec(find(docs, "StatefulSet", "redis"))["containers"][0]
+    args = redis["args"]
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    maxmemory = _bytes(args[args.index("--maxmemory") + 1])
+    assert maxmemory < _bytes(redis["resources"]["limits"]["memory"]) * 0.8
