@@ -10,7 +10,8 @@
   at the static address (``--ip``) of the pod their selector matches, on a network of
   its own; Services, NetworkPolicies, HPAs and PDBs stay covered by the offline tests;
 * the publish-token Secret, which users create themselves (docs/deployment.md), is
-  added with a random token, as ``kubectl create secret`` would;
+  created with a random token, as ``kubectl create secret`` would: as a podman secret
+  in the form podman 4.3's ``secretKeyRef`` reads (JSON of base64 values);
 * images are the locally built ones; podman runs no readiness probes (4.3), so this
   phase runs each container's own ``readinessProbe`` (httpGet against the pod address,
   exec in the container, tcpSocket) until every one passes.
@@ -18,8 +19,10 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import ipaddress
+import json
 import secrets
 import socket
 import time
@@ -34,6 +37,7 @@ from tests.deploy.live.run import (
     REDIS_IMAGE,
     ROOT,
     DeployTestError,
+    init_model,
     log,
     run,
     wait_for,
@@ -42,6 +46,8 @@ from tests.deploy.live.run import (
 Doc = dict[str, Any]
 OVERLAY = ROOT / "deploy/k8s/overlays/cpu-dev"
 NETWORK = "asympo-deploytest-kube"
+SECRET = "asympo-publish-token"
+MODEL_CACHE = "asympo-model-cache"
 SUBNET = ipaddress.ip_network("10.89.251.0/24")
 NOT_PLAYED = {"Service", "NetworkPolicy", "HorizontalPodAutoscaler", "PodDisruptionBudget",
               "ServiceAccount", "PrometheusRule", "ServiceMonitor"}
@@ -58,7 +64,7 @@ def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
-def playable(docs: list[Doc], token: str) -> tuple[list[Doc], dict[str, str]]:
+def playable(docs: list[Doc]) -> tuple[list[Doc], dict[str, str]]:
     """The documents podman plays, and workload name -> its pod's static address."""
     workloads = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
     hosts = iter(SUBNET.hosts())
@@ -102,9 +108,6 @@ def playable(docs: list[Doc], token: str) -> tuple[list[Doc], dict[str, str]]:
         for c in pod.get("initContainers", []) + pod["containers"]:
             c["image"] = IMAGES.get(c["image"], c["image"])
         out.append(w)
-    out.insert(0, {"apiVersion": "v1", "kind": "Secret",
-                   "metadata": {"name": "asympo-publish-token"}, "type": "Opaque",
-                   "data": {}, "stringData": {"token": token}})
     return out, address
 
 
@@ -157,9 +160,25 @@ def _containers_of(workload: str) -> dict[str, str]:
     return {n[len(pod) + 1:]: n for n in names if n.startswith(pod + "-")}
 
 
-def kube_phase(work: Path, timeout: float) -> None:
+def kube_phase(work: Path, timeout: float, model_path: str = "",
+               model_dir: Path | None = None) -> None:
     """Play the rendered cpu-dev overlay until every pod is ready; tear it down."""
-    docs, address = playable(render(), secrets.token_hex(32))
+    docs, address = playable(render())
+    # The shared model cache starts with the tiny default model in it, as the compose
+    # phase's volume does (else every pod would train it on 2 cores at once).
+    docs = [d for d in docs if not (d["kind"] == "PersistentVolumeClaim"
+                                    and d["metadata"]["name"] == MODEL_CACHE)]
+    run(["podman", "volume", "rm", "-f", MODEL_CACHE], timeout=60, check=False, quiet=True)
+    built = init_model(MODEL_CACHE, model_dir)
+    if model_path:
+        config = next(d for d in docs if d["kind"] == "ConfigMap"
+                      and d["metadata"]["name"] == "asympo-config")
+        config["data"]["ASYMPO_MODEL__PATH"] = built if model_path == "built" else model_path
+    secret_file = work / "publish-token.json"
+    token = base64.b64encode(secrets.token_hex(32).encode()).decode()
+    secret_file.write_text(json.dumps({"token": token}))
+    run(["podman", "secret", "rm", SECRET], timeout=60, check=False, quiet=True)
+    run(["podman", "secret", "create", SECRET, str(secret_file)], timeout=60, quiet=True)
     manifest = work / "cpu-dev.played.yaml"
     manifest.write_text(yaml.safe_dump_all(docs, sort_keys=False))
     workloads = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
@@ -202,6 +221,8 @@ def kube_phase(work: Path, timeout: float) -> None:
                 run(["podman", "volume", "rm", "-f", d["metadata"]["name"]], timeout=60,
                     check=False, quiet=True)
         run(["podman", "network", "rm", "-f", NETWORK], timeout=60, check=False, quiet=True)
+        run(["podman", "secret", "rm", SECRET], timeout=60, check=False, quiet=True)
+        run(["podman", "volume", "rm", "-f", MODEL_CACHE], timeout=60, check=False, quiet=True)
     left = [p for name in workloads for p in _containers_of(name).values()]
     if left:
         raise DeployTestError(f"`podman kube down` left containers behind: {left}")

@@ -29,6 +29,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -183,7 +184,9 @@ def ensure_base() -> None:
         run(["tar", "-C", str(rootfs), "-cf", str(partial), "."], timeout=300)
         partial.rename(tarball)
         shutil.rmtree(rootfs, ignore_errors=True)
-    run(["podman", "import", "--change", 'CMD ["/bin/bash"]', str(tarball), BASE_IMAGE],
+    run(["podman", "import", "--change", 'CMD ["/bin/bash"]', "--change",
+         "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+         str(tarball), BASE_IMAGE],
         timeout=300)
 
 
@@ -211,7 +214,8 @@ def build_images(python: str) -> None:
     ca = Path("/etc/ssl/certs/ca-certificates.crt")
     if ca.exists():  # pip inside the build trusts what the host's pip trusts
         mounts += ["-v", f"{ca}:{ca}:ro"]
-    common = ["podman", "build", "--network", "host", *mounts,
+    # Docker image format: the OCI format has no HEALTHCHECK, and podman would drop it.
+    common = ["podman", "build", "--format", "docker", "--network", "host", *mounts,
               "--build-arg", f"PIP_FIND_LINKS={' '.join(find_links)}"]
     run([*common, "--target", "slim", "-t", f"{IMAGE}:slim",
          "--build-arg", f"PYTHON_IMAGE={BASE_IMAGE}",
@@ -249,6 +253,11 @@ def healthy(container: str) -> bool:
     has = run(["podman", "inspect", "--format", "{{.Config.Healthcheck}}", container],
               timeout=60, check=False, quiet=True).stdout.strip()
     if has in ("", "<nil>"):
+        image = run(["podman", "inspect", "--format", "{{.ImageName}}", container],
+                    timeout=60, check=False, quiet=True).stdout.strip()
+        if image.startswith(IMAGE + ":"):
+            raise DeployTestError(f"{container} ({image}) has no healthcheck: the image's "
+                                  "HEALTHCHECK was lost")
         state = run(["podman", "inspect", "--format", "{{.State.Status}}", container],
                     timeout=60, check=False, quiet=True).stdout.strip()
         return state == "running"
@@ -294,7 +303,7 @@ def prom_query(port: int, expr: str) -> list[Any]:
     return list(data["data"]["result"]) if data.get("status") == "success" else []
 
 
-def init_model(volume: str) -> str:
+def init_model(volume: str, model_dir: Path | None = None) -> str:
     """Build the tiny default model into the stack's model-cache volume; its path there.
 
     Like `make test` (which runs `asympo init-model` before the tests), so that the
@@ -308,13 +317,15 @@ def init_model(volume: str) -> str:
     from asympo.config import load_settings
     from asympo.model.tiny import read_manifest, tiny_model_dir
 
-    host_dir = ROOT / tiny_model_dir(load_settings())
+    host_dir = model_dir or ROOT / tiny_model_dir(load_settings())
     if read_manifest(host_dir) is not None:
         target = f"/cache/models/{host_dir.name}"
-        run(["podman", "run", "--rm", "--network", "none", "-v", f"{volume}:/cache",
-             "-v", f"{host_dir}:/src:ro", "--entrypoint", "sh", f"{IMAGE}:slim", "-c",
-             f"mkdir -p /cache/models && cp -r /src {target}.tmp && mv {target}.tmp {target}"],
-            timeout=300)
+        # As root (the host's files are root's), then owned by the service user.
+        run(["podman", "run", "--rm", "--network", "none", "--user", "0",
+             "-v", f"{volume}:/cache", "-v", f"{host_dir}:/src:ro", "--entrypoint", "sh",
+             f"{IMAGE}:slim", "-c",
+             f"mkdir -p /cache/models && cp -r /src {target}.tmp && chmod -R a+rX {target}.tmp"
+             f" && chown -R 10001:10001 /cache && mv {target}.tmp {target}"], timeout=300)
         log(f"copied the host's tiny default model ({host_dir}) into {volume}")
         return target
     out = run(["podman", "run", "--rm", "--network", "none", "-v", f"{volume}:/cache",
@@ -326,7 +337,8 @@ def init_model(volume: str) -> str:
     return saved[-1]
 
 
-def compose_phase(python: str, work: Path, timeout: float, model_path: str) -> None:
+def compose_phase(python: str, work: Path, timeout: float, model_path: str,
+                  model_dir: Path | None = None) -> None:
     """Bring the cpu profile up, check it end to end, and take it down."""
     token = work / "publish_token"
     token.write_text(secrets.token_hex(32))
@@ -341,7 +353,7 @@ def compose_phase(python: str, work: Path, timeout: float, model_path: str) -> N
     env["GRAFANA_ADMIN_PASSWORD_FILE"] = str(grafana_password)
     deadline = time.monotonic() + timeout
     try:
-        built = init_model(f"{PROJECT}_model-cache")
+        built = init_model(f"{PROJECT}_model-cache", model_dir)
         log(f"tiny default model in the model-cache volume: {built}")
         if model_path == "built":
             env["ASYMPO_MODEL_PATH"] = built
@@ -400,8 +412,15 @@ def compose_phase(python: str, work: Path, timeout: float, model_path: str) -> N
         raise DeployTestError(f"`down -v` left containers/volumes behind: {left}")
 
 
+def _terminate(signum: int, _frame: object) -> None:
+    """SIGTERM/SIGINT: fail the current phase so that its teardown runs."""
+    raise DeployTestError(f"stopped by signal {signum}")
+
+
 def main() -> int:
     """Run every phase; exit 1 with the failing phase's message."""
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--python", default=sys.executable,
                         help="interpreter whose pip installs podman-compose")
@@ -412,6 +431,9 @@ def main() -> int:
     parser.add_argument("--model-path", default="",
                         help="ASYMPO_MODEL_PATH for the stack: empty = the documented default "
                              "(the tiny model), 'built' = the path init-model printed")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="a built tiny model directory to copy into the model-cache volume "
+                             "(default: .cache/models' default model if built, else build it)")
     parser.add_argument("--kube-timeout", type=float, default=900,
                         help="seconds for every played pod to become ready")
     args = parser.parse_args()
@@ -430,12 +452,13 @@ def main() -> int:
                     build_images(args.python)
             if "compose" in phases:
                 with phase("compose"):
-                    compose_phase(args.python, work, args.compose_timeout, args.model_path)
+                    compose_phase(args.python, work, args.compose_timeout, args.model_path,
+                                  args.model_dir)
             if "kube" in phases:
                 from tests.deploy.live.kube import kube_phase
 
                 with phase("kube"):
-                    kube_phase(work, args.kube_timeout)
+                    kube_phase(work, args.kube_timeout, args.model_path, args.model_dir)
     except DeployTestError as exc:
         log(f"FAILED: {exc}")
         print("test-deploy: 0 passed, 1 failed", flush=True)
