@@ -111,6 +111,21 @@ def playable(docs: list[Doc]) -> tuple[list[Doc], dict[str, str]]:
     return out, address
 
 
+def _fs_group(docs: list[Doc], claim: str) -> int:
+    """The fsGroup of the pods that mount ``claim`` (they agree; 0 if none is set)."""
+    groups = set()
+    for d in docs:
+        if d["kind"] != "Deployment":
+            continue
+        pod = d["spec"]["template"]["spec"]
+        if any(v.get("persistentVolumeClaim", {}).get("claimName") == claim
+               for v in pod.get("volumes", [])):
+            groups.add(int(pod.get("securityContext", {}).get("fsGroup", 0)))
+    if len(groups) > 1:
+        raise DeployTestError(f"pods mounting {claim} disagree on fsGroup: {groups}")
+    return groups.pop() if groups else 0
+
+
 def _port(container: Doc, port: Any) -> int:
     if isinstance(port, int):
         return port
@@ -166,10 +181,21 @@ def kube_phase(work: Path, timeout: float, model_path: str = "",
     docs, address = playable(render())
     # The shared model cache starts with the tiny default model in it, as the compose
     # phase's volume does (else every pod would train it on 2 cores at once).
-    docs = [d for d in docs if not (d["kind"] == "PersistentVolumeClaim"
-                                    and d["metadata"]["name"] == MODEL_CACHE)]
-    run(["podman", "volume", "rm", "-f", MODEL_CACHE], timeout=60, check=False, quiet=True)
+    # Every claim is provisioned here, as a cluster's provisioner would, and given to
+    # the pod's fsGroup as the kubelet does (podman 4.3 applies no fsGroup).
+    claims = [d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    docs = [d for d in docs if d["kind"] != "PersistentVolumeClaim"]
+    for claim in claims:
+        run(["podman", "volume", "rm", "-f", claim], timeout=60, check=False, quiet=True)
     built = init_model(MODEL_CACHE, model_dir)
+    for claim in claims:
+        if claim != MODEL_CACHE:
+            run(["podman", "volume", "create", claim], timeout=60, quiet=True)
+        group = _fs_group(docs, claim)
+        run(["podman", "run", "--rm", "--network", "none", "--user", "0", "-v",
+             f"{claim}:/v", "--entrypoint", "sh", f"{IMAGE}:slim", "-c",
+             f"chgrp -R {group} /v && chmod -R g+rwX /v && chmod g+s /v"], timeout=120,
+            quiet=True)
     if model_path:
         config = next(d for d in docs if d["kind"] == "ConfigMap"
                       and d["metadata"]["name"] == "asympo-config")
@@ -222,7 +248,8 @@ def kube_phase(work: Path, timeout: float, model_path: str = "",
                     check=False, quiet=True)
         run(["podman", "network", "rm", "-f", NETWORK], timeout=60, check=False, quiet=True)
         run(["podman", "secret", "rm", SECRET], timeout=60, check=False, quiet=True)
-        run(["podman", "volume", "rm", "-f", MODEL_CACHE], timeout=60, check=False, quiet=True)
+        for claim in claims:
+            run(["podman", "volume", "rm", "-f", claim], timeout=60, check=False, quiet=True)
     left = [p for name in workloads for p in _containers_of(name).values()]
     if left:
         raise DeployTestError(f"`podman kube down` left containers behind: {left}")

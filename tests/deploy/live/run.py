@@ -287,7 +287,7 @@ def dashboard_query(title_prefix: str) -> str:
     """The first expression of the dashboard panel whose title starts with the prefix."""
     dash = json.loads((ROOT / "deploy/grafana/dashboards/asympo.json").read_text())
     for panel in dash["panels"]:
-        if panel.get("title", "").startswith(title_prefix):
+        if panel.get("title", "").startswith(title_prefix) and panel.get("targets"):
             expr = str(panel["targets"][0]["expr"])
             return expr.replace("$__rate_interval", "1m").replace("$__range", "10m")
     raise DeployTestError(f"no dashboard panel titled {title_prefix!r}")
@@ -459,8 +459,8 @@ def main() -> int:
 
                 with phase("kube"):
                     kube_phase(work, args.kube_timeout, args.model_path, args.model_dir)
-    except DeployTestError as exc:
-        log(f"FAILED: {exc}")
+    except (DeployTestError, OSError, KeyError, ValueError) as exc:
+        log(f"FAILED: {type(exc).__name__}: {exc}")
         print("test-deploy: 0 passed, 1 failed", flush=True)
         return 1
     log(f"all phases passed: {', '.join(phases)}")
