@@ -107,6 +107,10 @@ def playable(docs: list[Doc]) -> tuple[list[Doc], dict[str, str]]:
         pod["hostAliases"] = host_aliases
         for c in pod.get("initContainers", []) + pod["containers"]:
             c["image"] = IMAGES.get(c["image"], c["image"])
+            # podman 4.3 publishes every containerPort on the host (taken ports fail the
+            # pod); pods reach each other by address, so nothing is published. The probes
+            # read the ports from the rendered manifest.
+            c.pop("ports", None)
         out.append(w)
     return out, address
 
@@ -178,7 +182,8 @@ def _containers_of(workload: str) -> dict[str, str]:
 def kube_phase(work: Path, timeout: float, model_path: str = "",
                model_dir: Path | None = None) -> None:
     """Play the rendered cpu-dev overlay until every pod is ready; tear it down."""
-    docs, address = playable(render())
+    rendered = render()
+    docs, address = playable(rendered)
     # The shared model cache starts with the tiny default model in it, as the compose
     # phase's volume does (else every pod would train it on 2 cores at once).
     # Every claim is provisioned here, as a cluster's provisioner would, and given to
@@ -207,7 +212,9 @@ def kube_phase(work: Path, timeout: float, model_path: str = "",
     run(["podman", "secret", "create", SECRET, str(secret_file)], timeout=60, quiet=True)
     manifest = work / "cpu-dev.played.yaml"
     manifest.write_text(yaml.safe_dump_all(docs, sort_keys=False))
-    workloads = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    # Probes and ports as rendered (the played copies have no ports).
+    workloads = {d["metadata"]["name"]: d for d in rendered
+                 if d["kind"] in ("Deployment", "StatefulSet")}
     log(f"playing {sorted(workloads)} at {address}")
     run(["podman", "network", "rm", "-f", NETWORK], timeout=60, check=False, quiet=True)
     run(["podman", "network", "create", "--subnet", str(SUBNET), NETWORK], timeout=60)

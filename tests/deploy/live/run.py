@@ -459,7 +459,7 @@ def main() -> int:
 
                 with phase("kube"):
                     kube_phase(work, args.kube_timeout, args.model_path, args.model_dir)
-    except (DeployTestError, OSError, KeyError, ValueError) as exc:
+    except (DeployTestError, OSError, KeyError, ValueError, subprocess.SubprocessError) as exc:
         log(f"FAILED: {type(exc).__name__}: {exc}")
         print("test-deploy: 0 passed, 1 failed", flush=True)
         return 1
@@ -469,4 +469,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module, not this __main__ copy, so that the kube phase (which
+    # imports it) shares its error class and clock.
+    from tests.deploy.live import run as _live
+
+    sys.exit(_live.main())
