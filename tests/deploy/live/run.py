@@ -283,14 +283,16 @@ def metric_value(text: str, name: str) -> float | None:
     return None
 
 
-def dashboard_query(title_prefix: str) -> str:
-    """The first expression of the dashboard panel whose title starts with the prefix."""
+def dashboard_query(metric: str) -> str:
+    """The dashboard's first expression that queries ``metric`` (panels are found by what
+    they query, not by their titles, which change)."""
     dash = json.loads((ROOT / "deploy/grafana/dashboards/asympo.json").read_text())
     for panel in dash["panels"]:
-        if panel.get("title", "").startswith(title_prefix) and panel.get("targets"):
-            expr = str(panel["targets"][0]["expr"])
-            return expr.replace("$__rate_interval", "1m").replace("$__range", "10m")
-    raise DeployTestError(f"no dashboard panel titled {title_prefix!r}")
+        for target in panel.get("targets") or []:
+            expr = str(target.get("expr", ""))
+            if metric in expr:
+                return expr.replace("$__rate_interval", "1m").replace("$__range", "10m")
+    raise DeployTestError(f"no dashboard panel queries {metric}")
 
 
 def prom_query(port: int, expr: str) -> list[Any]:
@@ -400,7 +402,8 @@ def compose_phase(python: str, work: Path, timeout: float, model_path: str,
             return set(jobs) >= wanted and all(t["health"] == "up" for t in active)
 
         wait_for("every Prometheus target up", targets_up, timeout=180, every=10)
-        for panel in ("Staleness", "Loss balance"):
+        # The dashboard's staleness and update-balance (positive vs negative) panels.
+        for panel in ("asympo_staleness_versions_bucket", "asympo_update_norm"):
             expr = dashboard_query(panel)
             wait_for(f"data for the dashboard's {panel} query {expr}",
                      lambda e=expr: bool(prom_query(prom, e)), timeout=180, every=10)  # type: ignore[misc]
