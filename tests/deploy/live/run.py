@@ -14,7 +14,7 @@ Phases (each one bounded in time, its duration printed):
 4. compose   docker-compose.yml's cpu profile (without Grafana, whose image cannot be had
              here): every healthcheck passes, the learner publishes version >= 3,
              Prometheus has every target up and answers the dashboard's staleness and
-             loss-balance queries with data; ``down -v`` leaves no container or volume.
+             update-balance queries with data; ``down -v`` leaves no container or volume.
 5. kube      ``kubectl kustomize`` of the cpu-dev overlay, played with ``podman kube
              play`` until every pod is ready by its own readiness probe; torn down.
 
