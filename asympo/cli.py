@@ -64,6 +64,9 @@ def config_show(config: ConfigOpt = None, overrides: SetOpt = None) -> None:
 
 def _serve(name: str, config: Path | None, overrides: list[str] | None) -> None:
     settings = settings_from_cli(config, overrides)
+    from asympo import threads
+
+    threads.apply(name, settings)  # before the service builds anything that computes
     module = importlib.import_module(f"services.{name}.main")
     module.run(settings)
 
@@ -376,6 +379,41 @@ def experiment_staleness(
     )  # fmt: skip
     for kind, path in paths.items():
         print(f"{kind}: {path}")
+
+
+@app.command()
+def plan(
+    replicas: Annotated[str, typer.Option(help="Rollout replicas to try, e.g. 1,2,4.")] = "1,2,4,8",
+    gpus: Annotated[str, typer.Option(help="Learner GPUs to try, e.g. 1,2,4.")] = "1,2,4,8",
+    batch: Annotated[int, typer.Option(help="Samples per learner step.")] = 512,
+    max_staleness: Annotated[int, typer.Option(help="Staleness bound (0 = sync).")] = 2,
+    report: Annotated[
+        Path | None, typer.Option(help="bench/e2e.py --json report: use its measured stages.")
+    ] = None,
+    generate_s: Annotated[float | None, typer.Option(help="Generation s/sample/replica.")] = None,
+    train_s: Annotated[float | None, typer.Option(help="Training s/sample/GPU.")] = None,
+    reward_s: Annotated[float | None, typer.Option(help="Scoring s/sample.")] = None,
+    publish_s: Annotated[float | None, typer.Option(help="Publish s/step.")] = None,
+    swap_s: Annotated[float | None, typer.Option(help="Swap s/step.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
+) -> None:
+    """Project N rollout replicas x M learner GPUs -> samples/s, staleness, bottleneck."""
+    import json
+
+    from asympo.plan_cli import PlanError, run_plan
+
+    overrides = {
+        "generate_s_per_sample": generate_s,
+        "train_s_per_sample": train_s,
+        "reward_s_per_sample": reward_s,
+        "publish_s": publish_s,
+        "swap_s": swap_s,
+    }
+    try:
+        text, rows = run_plan(replicas, gpus, batch, max_staleness, report, overrides)
+    except PlanError as exc:
+        raise fail(str(exc)) from exc
+    print(json.dumps(rows, indent=2) if as_json else text)
 
 
 def main() -> None:

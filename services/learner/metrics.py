@@ -108,5 +108,13 @@ PUBLISH_LATENCY_SECONDS = Histogram(
 PUBLISH_REPLACED = Counter(
     "asympo_learner_publish_replaced_total",
     "Queued snapshots replaced by a newer one before they were published",
+BUSY_SECONDS = Counter(
+    "asympo_learner_busy_seconds_total",
+    "Seconds spent in train_step (busy fraction = rate of this counter)",
+    registry=REGISTRY,
+)
+WAIT_SECONDS = Counter(
+    "asympo_learner_wait_seconds_total",
+    "Seconds spent waiting for a full batch of fresh scored groups",
     registry=REGISTRY,
 )

@@ -33,4 +33,9 @@ PROBE_MAX_ABS_DIFF = Gauge(
     "Largest |engine - learner| probe log-prob difference at the last swap",
     registry=REGISTRY,
 )
+BUSY_SECONDS = Counter(
+    "asympo_rollout_busy_seconds_total",
+    "Seconds the engine spent generating (busy fraction = rate of this counter)",
+    registry=REGISTRY,
+)
 STREAMS = stream_metrics(REGISTRY)

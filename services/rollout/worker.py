@@ -163,7 +163,9 @@ class RolloutWorker:
             ready, reqs = self._servable(ready, requests_for([d.msg for d in ready], self.engine))
             if not ready:
                 return 0
+            busy = time.monotonic()
             outputs = self.engine.generate(reqs)
+            metrics.BUSY_SECONDS.inc(time.monotonic() - busy)
         groups = [
             build_group(d.msg, req, comps, version, self.engine_name, self.replica, started)
             for d, req, comps in zip(ready, reqs, outputs, strict=True)
