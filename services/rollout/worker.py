@@ -152,7 +152,9 @@ class RolloutWorker:
             self.held.extend(self.prompts.read(count=room, block_ms=block_ms))
         elif self.held:
             self._touch_held()
-            time.sleep(block_ms / 1000)
+            # Wake the moment the swap that may make a held prompt eligible lands: a fixed
+            # sleep here added up to block_ms to every synchronous step (issue 22).
+            self.swapper.wait_newer(self.swapper.version, block_ms / 1000)
         with self.swapper.lock:
             version = self.swapper.version
             ready = [d for d in self.held if d.msg.min_version <= version]
