@@ -108,6 +108,8 @@ PUBLISH_LATENCY_SECONDS = Histogram(
 PUBLISH_REPLACED = Counter(
     "asympo_learner_publish_replaced_total",
     "Queued snapshots replaced by a newer one before they were published",
+    registry=REGISTRY,
+)
 BUSY_SECONDS = Counter(
     "asympo_learner_busy_seconds_total",
     "Seconds spent in train_step (busy fraction = rate of this counter)",
