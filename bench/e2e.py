@@ -188,6 +188,15 @@ def delete_run_keys(client: redis.Redis, settings: Settings) -> None:
         client.delete(*keys)
 
 
+def window_mean(sc: Scraper, total: str, count: str, t0: float, t1: float) -> float | None:
+    """Mean of a histogram over ``[t0, t1]`` (the start-up swap of version 0 is left out)."""
+    s0, s1 = sc.value_at(total, t0), sc.value_at(total, t1)
+    c0, c1 = sc.value_at(count, t0), sc.value_at(count, t1)
+    if None in (s0, s1, c0, c1) or c1 - c0 <= 0:  # type: ignore[operator]
+        return None
+    return (s1 - s0) / (c1 - c0)  # type: ignore[operator]
+
+
 def run_setting(
     cfg: BenchConfig, base: Settings, url: str, client: redis.Redis, k: int, tag: str
 ) -> tuple[dict[str, Any], list[records_pb2.ScoredGroup], list[records_pb2.PromptTask]]:
@@ -249,7 +258,7 @@ def run_setting(
         "step_train_s": statistics.median(r["train_s"] for r in window),
         "step_publish_s": statistics.median(r["publish_s"] for r in window),
         "groups_dropped_stale": window[-1]["groups_dropped_stale"],
-        "swap_s": (sc.last(SWAP_SUM) or 0.0) / max(sc.last(SWAP_COUNT) or 0.0, 1.0),
+        "swap_s": window_mean(sc, SWAP_SUM, SWAP_COUNT, t0, t1),
     }
     return row, groups, prompts
 
@@ -367,7 +376,8 @@ def report(
     for r in rows:
         r["ratio_to_sync"] = r["samples_per_s"] / sync["samples_per_s"] if sync else None
     publish = statistics.fmean(r["step_publish_s"] for r in rows)
-    swap = statistics.fmean(r["swap_s"] for r in rows)
+    swaps = [r["swap_s"] for r in rows if r["swap_s"] is not None]
+    swap = statistics.fmean(swaps) if swaps else 0.0
     stage_limits = {"train": 1 / train_s, **({"generate": 1 / gen_s} if gen_s else {})}
     out: dict[str, Any] = {
         "config": {
@@ -488,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], help="section.key=value override")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     a = p.parse_args(argv)
+    # vLLM logs to stdout by default; keep stdout for the table or the JSON.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     try:
         staleness = [int(x) for x in a.staleness.split(",")]
     except ValueError:
