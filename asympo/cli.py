@@ -193,14 +193,21 @@ def resolve_model(settings: Settings) -> str:
 @app.command("init-model")
 def init_model(
     force: Annotated[bool, typer.Option(help="Rebuild even if a cached model exists.")] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(help="Rebuild in a scratch dir and check it is byte-identical to the copy."),
+    ] = False,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
 ) -> None:
     """Build the tiny default model, warm-start it on the task, cache it; print accuracy and path.
 
+    The default model ships with the package and is copied into the cache; other task
+    settings are built (reproducibly: same bytes on any x86-64 machine with AVX2).
     With model.path set, checks that the model and tokenizer load and prints the path.
     """
     from asympo.model import ModelLoadError, ensure_tiny_model, load_tokenizer
+    from asympo.model.tiny import verify_tiny_model
 
     settings = settings_from_cli(config, overrides)
     if settings.model.path:
@@ -217,6 +224,11 @@ def init_model(
     how = "reused cached model" if result.reused else f"built in {result.seconds:.0f}s"
     print(f"held-out greedy accuracy: {result.accuracy:.1%} ({how})")
     print(f"saved: {result.path}")
+    if verify:
+        rebuilt, expected = verify_tiny_model(settings, log=console.print)
+        if rebuilt != expected:
+            raise fail(f"rebuild differs: sha256 {rebuilt} != {expected}", code=1)
+        print(f"verified: the rebuild is byte-identical (sha256 {rebuilt})")
 
 
 @app.command("eval")

@@ -87,6 +87,20 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval (95 % by default) of a success rate ``accuracy`` over ``n`` trials.
+
+    Unlike ``p ± z·sqrt(p(1-p)/n)`` it stays inside [0, 1] and is not degenerate at 0 or 1.
+    Eval records carry ``eval_size``, so a rise can be told from the evaluation's noise.
+    """
+    if n < 1 or not 0.0 <= accuracy <= 1.0:
+        raise ValueError(f"need n >= 1 and 0 <= accuracy <= 1, got n={n} accuracy={accuracy}")
+    denom = 1.0 + z * z / n
+    centre = (accuracy + z * z / (2 * n)) / denom
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
     """(steps, values) of ``key`` over the records that carry it."""
     steps, values = [], []

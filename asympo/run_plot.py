@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from asympo.run_log import series
+from asympo.run_log import series, wilson_interval
 
 PANELS = (
     ("accuracy", "held-out accuracy (greedy)"),
@@ -30,6 +30,8 @@ def plot_run(records: list[dict[str, Any]], out: str | Path, title: str = "") ->
         main = "positive (A>0)" if key == "update_norm_positive" else key
         ax.plot(steps, values, marker="." if len(steps) < 50 else None, label=main)
         extra: tuple[tuple[str, str], ...] = ()
+        if key == "accuracy":
+            _wilson_band(ax, records)
         if key == "loss_balance":
             extra = (("loss_positive", "--"), ("loss_negative", ":"))
         elif key == "update_norm_positive":
@@ -69,3 +71,16 @@ def plot_run(records: list[dict[str, Any]], out: str | Path, title: str = "") ->
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _wilson_band(ax: Any, records: list[dict[str, Any]]) -> None:
+    """Shade the 95 % Wilson interval of each evaluation that names its ``eval_size``."""
+    points = [
+        (int(r["step"]), *wilson_interval(float(r["accuracy"]), int(r["eval_size"])))
+        for r in records
+        if isinstance(r.get("accuracy"), int | float) and isinstance(r.get("eval_size"), int)
+    ]
+    if points:
+        steps, lows, highs = zip(*points, strict=True)
+        ax.fill_between(steps, lows, highs, alpha=0.2, label="95% interval")
+        ax.legend(loc="best", fontsize=8)

@@ -10,6 +10,7 @@ from collections import deque
 from typing import Any
 
 from asympo.launcher.supervisor import Supervisor
+from asympo.run_log import wilson_interval
 
 GENERATED_TOKENS = "asympo_generated_tokens_total"
 
@@ -29,6 +30,16 @@ def scrape_counter(port: int, metric: str) -> float | None:
                 total += float(line.rsplit(" ", 1)[1])
                 found = True
     return total if found else None
+
+
+def accuracy_with_interval(record: dict[str, Any]) -> str:
+    """``0.340 [0.278, 0.408]``: an eval record's accuracy and its Wilson 95 % interval."""
+    acc = float(record["accuracy"])
+    n = record.get("eval_size")
+    if not isinstance(n, int) or n < 1:
+        return f"{acc:.3f}"
+    lo, hi = wilson_interval(acc, n)
+    return f"{acc:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 def status_table(
@@ -58,8 +69,8 @@ def status_table(
     table.add_row("reward mean", fmt("reward_mean"))
     if accs:
         table.add_row(
-            "held-out accuracy (first → last)",
-            f"{accs[0]['accuracy']:.3f} → {accs[-1]['accuracy']:.3f}",
+            "held-out accuracy (first → last, 95% CI)",
+            f"{accuracy_with_interval(accs[0])} → {accuracy_with_interval(accs[-1])}",
         )
     table.add_row(
         "loss balance (pos + neg)",

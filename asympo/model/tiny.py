@@ -12,6 +12,15 @@ the prompt format it will be trained and evaluated with, and a ``task.path`` is 
 locally (never replaced by the task's hub dataset). Settings left at their defaults stay
 out of the key, so adding a setting does not invalidate existing caches; a local
 ``task.path`` enters the key by its content hash.
+
+Reproducible bytes: the build runs in a child process whose numerics are pinned
+(``BUILD_ENV``: one thread, ATen and MKL held to their AVX2 code paths), so the same
+spec gives the same ``model.safetensors`` on any x86-64 machine with AVX2, idle or
+busy. Measured: the default AVX-512 kernels give other bits than AVX2 ones after one
+step, so an unpinned build depends on the CPU; and one thread is also ~10x faster
+than two on an oversubscribed machine (OpenMP barriers wait for descheduled threads).
+The default model is shipped with the package (``shipped/``) and copied into the
+cache on first use; ``asympo init-model --verify`` rebuilds it and compares the hash.
 """
 
 from __future__ import annotations
@@ -19,7 +28,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,9 +49,26 @@ from asympo.tasks import task_from_settings
 from asympo.verifiers import as_verdict, resolve_verifier
 
 # Bump when the files written here change meaning, so stale caches are not reused.
-FORMAT_VERSION = 2  # 2: byte-level token strings (spaces survive Qwen2Tokenizer), chat template
+# 2: byte-level token strings (spaces survive Qwen2Tokenizer), chat template.
+# 3: built in a child process with pinned numerics (BUILD_ENV); manifest has the sha256.
+FORMAT_VERSION = 3
 MANIFEST = "asympo_model.json"
-WARM_START_THREADS = 2
+WEIGHTS = "model.safetensors"
+WARM_START_THREADS = 1
+# The build child's environment: read by OpenMP, MKL and ATen when they start, so they
+# cannot be set from inside a process that already ran torch code.
+BUILD_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "MKL_DYNAMIC": "FALSE",
+    "MKL_CBWR": "AVX2",  # MKL's conditional numerical reproducibility: one code path
+    "ATEN_CPU_CAPABILITY": "avx2",  # ATen's own kernels (softmax, norms, adds)
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "PYTHONHASHSEED": "0",
+    "CUDA_VISIBLE_DEVICES": "",  # the build is defined on the CPU
+}
+# Default models shipped with the package, one directory per cache key.
+SHIPPED_DIR = Path(__file__).parent / "shipped"
 
 
 @dataclass(frozen=True)
@@ -58,6 +87,20 @@ class TinyModelSpec:
     prompt_format: str = "raw"
     prompt_preset: str = ""
     system_prompt: str = ""
+
+    def to_json(self) -> str:
+        """The spec as JSON (what the build child receives)."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> TinyModelSpec:
+        """Inverse of ``to_json``."""
+        data = json.loads(text)
+        return TinyModelSpec(
+            architecture=TinyArchitecture(**data.pop("architecture")),
+            schedule=SftSchedule(**data.pop("schedule")),
+            **data,
+        )
 
     def cache_key(self) -> str:
         """Stable short hash of the spec (and the file format version).
@@ -123,14 +166,17 @@ class TinyModelResult:
 
 
 def spec_from_settings(settings: Settings) -> TinyModelSpec:
-    """The tiny-model spec implied by the run's settings (task section, learner seed)."""
+    """The tiny-model spec implied by the run's settings (the task section).
+
+    ``learner.seed`` does not enter: runs with different RL seeds start from the same
+    warm-started model (and need no build of their own), so seeds compare like with like.
+    """
     return TinyModelSpec(
         architecture=TinyArchitecture(),
         schedule=SftSchedule(),
         task_name=settings.task.name,
         task_seed=settings.task.seed,
         task_train_size=settings.task.train_size,
-        seed=settings.learner.seed,
         task_path=settings.task.path,
         task_source_sha256=source_fingerprint(settings.task.path),
         task_verifier=settings.task.verifier,
@@ -194,6 +240,9 @@ def build_and_warm_start(
         )
     finally:
         torch.set_num_threads(threads)
+    # max_steps and the evaluations bound the work; the clock only as a safety net, and
+    # then the model is not reproducible: say so in the manifest.
+    clock_stopped = result.seconds > spec.schedule.hard_max_seconds
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -210,6 +259,10 @@ def build_and_warm_start(
             "warm_start_steps": result.steps,
             "warm_start_seconds": round(result.seconds, 1),
             "final_loss": result.final_loss,
+            "sha256": file_sha256(tmp / WEIGHTS),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": WARM_START_THREADS,
+            "stopped_by_clock": clock_stopped,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if out_dir.exists():
@@ -221,11 +274,75 @@ def build_and_warm_start(
     return TinyModelResult(out_dir, result.accuracy, n_params, False, time.monotonic() - start)
 
 
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_in_child(
+    spec: TinyModelSpec, out_dir: Path, log: Callable[[str], None] = print
+) -> TinyModelResult:
+    """``build_and_warm_start`` in a child process with the pinned numerics of BUILD_ENV."""
+    start = time.monotonic()
+    env = {**os.environ, **BUILD_ENV}
+    cmd = [sys.executable, "-m", "asympo.model.tiny", spec.to_json(), str(out_dir)]
+    with subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as child:
+        assert child.stdout is not None
+        tail: list[str] = []
+        for line in child.stdout:
+            line = line.rstrip("\n")
+            if line.startswith(("warm start", "tiny model")):
+                log(line)
+            tail = [*tail[-19:], line]
+        code = child.wait()
+    if code != 0:
+        raise RuntimeError(f"tiny model build failed (exit {code}):\n" + "\n".join(tail))
+    manifest = read_manifest(out_dir)
+    assert manifest is not None, f"the build left no manifest in {out_dir}"
+    return TinyModelResult(
+        out_dir,
+        float(manifest["held_out_greedy_accuracy"]),  # type: ignore[arg-type]
+        int(manifest["parameters"]),  # type: ignore[call-overload]
+        False,
+        time.monotonic() - start,
+    )
+
+
+def _copy_shipped(out_dir: Path) -> bool:
+    """Copy the shipped model for ``out_dir``'s key into the cache; False if none ships."""
+    source = SHIPPED_DIR / out_dir.name
+    manifest = read_manifest(source)
+    if manifest is None or file_sha256(source / WEIGHTS) != manifest.get("sha256"):
+        return False
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return True
+
+
 def ensure_tiny_model(
     settings: Settings, force: bool = False, log: Callable[[str], None] = print
 ) -> TinyModelResult:
-    """The cached tiny model for ``settings``, built and warm-started first if missing."""
+    """The cached tiny model for ``settings``: cached, else the shipped copy, else built.
+
+    ``force`` rebuilds (in the pinned child process) even when a copy exists.
+    """
     out_dir = tiny_model_dir(settings)
+    if not force and read_manifest(out_dir) is None and _copy_shipped(out_dir):
+        log(f"tiny model: copied the shipped build {out_dir.name} into the cache")
     manifest = None if force else read_manifest(out_dir)
     if manifest is not None:
         return TinyModelResult(
@@ -235,4 +352,40 @@ def ensure_tiny_model(
             True,
             0.0,
         )
-    return build_and_warm_start(spec_from_settings(settings), out_dir, log)
+    return build_in_child(spec_from_settings(settings), out_dir, log)
+
+
+def verify_tiny_model(
+    settings: Settings, log: Callable[[str], None] = print
+) -> tuple[str, str | None]:
+    """Rebuild the tiny model in a scratch directory: (sha256 of the rebuild, expected sha256).
+
+    The expected hash is the shipped build's, else the cached one's, else None.
+    """
+    name = tiny_model_dir(settings).name
+    expected = None
+    for where in (SHIPPED_DIR / name, tiny_model_dir(settings)):
+        manifest = read_manifest(where)
+        if manifest is not None and isinstance(manifest.get("sha256"), str):
+            expected = str(manifest["sha256"])
+            break
+    with tempfile.TemporaryDirectory(prefix="asympo-verify-") as scratch:
+        out = Path(scratch) / name
+        build_in_child(spec_from_settings(settings), out, log)
+        return file_sha256(out / WEIGHTS), expected
+
+
+def _main(argv: list[str]) -> int:
+    """Child entry point: ``python -m asympo.model.tiny SPEC_JSON OUT_DIR``."""
+    spec_json, out_dir = argv
+    torch.use_deterministic_algorithms(True)
+    build_and_warm_start(TinyModelSpec.from_json(spec_json), Path(out_dir), log=_say)
+    return 0
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))

@@ -34,7 +34,7 @@ class SftSchedule:
     target_accuracy: float = 0.3  # stop early at the first evaluation reaching this
     eval_every: int = 50  # the skill arrives in a jump (~15% -> ~70% in 250 steps)
     eval_size: int = 200
-    hard_max_seconds: float = 1800.0  # a safety net only; hitting it is logged
+    hard_max_seconds: float = 3600.0  # a safety net only; hitting it is logged
     max_new_tokens: int = 0  # 0 = longest training completion with its EOS, plus one
     seed: int = 0
 

@@ -77,8 +77,10 @@ class TrainingLoop:
     def evaluate(self) -> None:
         """Write the held-out accuracy of the current version to metrics.jsonl."""
         acc = held_out_accuracy(self.settings, self.model, self.tokenizer, self.task)
+        n_eval = len(self.task.test[: self.settings.task.eval_size])  # for the 95% interval
         self.writer.write(
             {"step": self.learner.version, "version": self.learner.version, "accuracy": acc}
+            | {"eval_size": n_eval}
         )
 
     def step(self) -> None:

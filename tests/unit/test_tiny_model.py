@@ -15,9 +15,14 @@ from asympo.model.architecture import TinyArchitecture, build_tiny_model, count_
 from asympo.model.char_tokenizer import CHARACTERS, EOS_TOKEN, char_vocab, save_char_tokenizer
 from asympo.model.tiny import (
     MANIFEST,
+    SHIPPED_DIR,
+    WEIGHTS,
     TinyModelSpec,
     build_and_warm_start,
+    build_in_child,
     ensure_tiny_model,
+    file_sha256,
+    read_manifest,
     spec_from_settings,
     tiny_model_dir,
 )
@@ -83,9 +88,12 @@ def test_cache_key_tracks_every_setting_that_shapes_the_model(tmp_path: Path) ->
     base = load_settings(None, [f"model.cache_dir={tmp_path}"])
     same = load_settings(None, [f"model.cache_dir={tmp_path}"])
     assert tiny_model_dir(base) == tiny_model_dir(same)
-    for override in ("task.seed=1", "task.name=arith:digits=1", "learner.seed=3"):
+    for override in ("task.seed=1", "task.name=arith:digits=1", "task.train_size=300"):
         changed = load_settings(None, [f"model.cache_dir={tmp_path}", override])
         assert tiny_model_dir(changed) != tiny_model_dir(base), override
+    # RL seeds share one warm-started model: seeds then differ only in the RL run.
+    other_seed = load_settings(None, [f"model.cache_dir={tmp_path}", "learner.seed=3"])
+    assert tiny_model_dir(other_seed) == tiny_model_dir(base)
     spec = spec_from_settings(base)
     wider = dataclasses.replace(
         spec, architecture=dataclasses.replace(spec.architecture, hidden_size=256, num_heads=8)
@@ -168,3 +176,37 @@ def test_warm_start_stops_by_steps_or_target_not_by_the_clock(tokenizer: object)
     # The safety net stops a run that takes too long, and says so.
     steps, logs = run(target_accuracy=1.1, hard_max_seconds=0.0)
     assert steps == 1 and "safety limit" in logs[-1]
+
+
+def test_build_is_byte_identical_whatever_the_callers_threads_and_cpu_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Unpinned, ATen's AVX-512 and AVX2 kernels give other bits after one step, and so
+    # may other thread counts: the build child pins both, whatever its parent has.
+    spec = _micro_spec()
+    assert TinyModelSpec.from_json(spec.to_json()) == spec
+    first = build_in_child(spec, tmp_path / "a", log=lambda _: None)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("MKL_NUM_THREADS", "2")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    monkeypatch.setenv("MKL_CBWR", "AUTO")
+    second = build_in_child(spec, tmp_path / "b", log=lambda _: None)
+    sha = file_sha256(first.path / WEIGHTS)
+    assert sha == file_sha256(second.path / WEIGHTS)
+    manifest = read_manifest(first.path)
+    assert manifest is not None and manifest["sha256"] == sha
+    assert manifest["threads"] == 1 and manifest["cpu_capability"] == "AVX2"
+
+
+def test_the_default_model_ships_and_is_copied_into_an_empty_cache(tmp_path: Path) -> None:
+    settings = load_settings(None, [f"model.cache_dir={tmp_path}"])
+    shipped = SHIPPED_DIR / tiny_model_dir(settings).name
+    manifest = read_manifest(shipped)
+    assert manifest is not None, f"no shipped build for the default spec at {shipped}"
+    assert file_sha256(shipped / WEIGHTS) == manifest["sha256"]
+    logs: list[str] = []
+    result = ensure_tiny_model(settings, log=logs.append)  # a build would take minutes
+    assert result.reused and result.path == tiny_model_dir(settings)
+    assert file_sha256(result.path / WEIGHTS) == manifest["sha256"]
+    assert any("copied the shipped build" in line for line in logs)
+    assert 0.25 <= result.accuracy <= 0.45
