@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from asympo.launcher import accuracy_with_interval
+from asympo.launcher.live import accuracy_with_interval
 from asympo.run_log import wilson_interval
 
 
