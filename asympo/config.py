@@ -144,7 +144,13 @@ class LearnerSettings(Section):
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     groups_per_step: int = Field(8, ge=1)
-    micro_batch: int = Field(32, ge=1, description="sequences per forward/backward")
+    micro_batch: int = Field(32, ge=1, description="most sequences per forward/backward")
+    max_tokens_per_micro_batch: int = Field(
+        16384,
+        ge=0,
+        description="most padded tokens (sequences x longest) per forward/backward; "
+        "longest sequences first; 0 = only micro_batch limits",
+    )
     max_staleness: int = Field(2, ge=0)
     publish_every: int = Field(
         1, ge=1, description="steps per published version (at most max_staleness + 1)"

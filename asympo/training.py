@@ -103,13 +103,18 @@ def group_from_scored(scored: records_pb2.ScoredGroup) -> TrainGroup:
 
 @dataclass(frozen=True)
 class StepConfig:
-    """How a step trains: loss, advantage estimator, micro-batch size, clipping."""
+    """How a step trains: loss, advantage estimator, micro-batch budget, clipping.
+
+    A micro-batch holds at most ``micro_batch`` sequences and at most
+    ``max_tokens_per_micro_batch`` padded tokens (sequences x longest); 0 = no token cap.
+    """
 
     loss: str = "asympo"
     loss_cfg: LossConfig = field(default_factory=LossConfig)
     advantage: str = "grpo"
     advantage_eps: float = 1e-6
     micro_batch: int = 32
+    max_tokens_per_micro_batch: int = 0
     grad_clip: float = 1.0  # max grad norm; <= 0 disables clipping
     temperature: float = 1.0  # logits are divided by it, as the sampler did
 
@@ -278,9 +283,41 @@ def _all_reduce(values: Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM)
     return values
 
 
-def _micro_batches(seqs: list[_Sequence], size: int) -> Iterator[list[_Sequence]]:
-    for start in range(0, len(seqs), size):
-        yield seqs[start : start + size]
+def plan_micro_batches(lengths: Sequence[int], max_tokens: int, max_seqs: int) -> list[list[int]]:
+    """Indices of ``lengths`` grouped into micro-batches under a padded-token budget.
+
+    A micro-batch costs ``len(batch) * max(length in batch)`` tokens (right padding), so
+    sequences are taken longest first: neighbours have similar lengths and little padding,
+    and the first micro-batch is the largest, so an out-of-memory shows on the first one.
+    Each micro-batch holds at most ``max_seqs`` sequences and at most ``max_tokens``
+    padded tokens (``max_tokens <= 0``: no token cap); a sequence longer than the budget
+    gets a micro-batch of its own. Every index appears exactly once.
+    """
+    if max_seqs < 1:
+        raise ValueError(f"micro_batch must be >= 1, got {max_seqs}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep order
+    plan: list[list[int]] = []
+    current: list[int] = []
+    widest = 0
+    for i in order:
+        width = max(widest, lengths[i])
+        over_tokens = max_tokens > 0 and (len(current) + 1) * width > max_tokens
+        if current and (len(current) >= max_seqs or over_tokens):
+            plan.append(current)
+            current, width = [], lengths[i]
+        current.append(i)
+        widest = width
+    if current:
+        plan.append(current)
+    return plan
+
+
+def _micro_batches(seqs: list[_Sequence], cfg: StepConfig) -> Iterator[list[_Sequence]]:
+    plan = plan_micro_batches(
+        [len(s.tokens) for s in seqs], cfg.max_tokens_per_micro_batch, cfg.micro_batch
+    )
+    for indices in plan:
+        yield [seqs[i] for i in indices]
 
 
 # Sums accumulated over micro-batches and ranks, in this order.
@@ -358,7 +395,7 @@ def train_step(
     ratio_max = 0.0
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    batches = list(_micro_batches(seqs, cfg.micro_batch))
+    batches = list(_micro_batches(seqs, cfg))
     if not batches:  # this rank got no data: still join the gradient all-reduce
         _backward_nothing(model, pad_id, device)
     for index, part in enumerate(batches):

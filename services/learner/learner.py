@@ -87,6 +87,7 @@ def step_config(settings: Settings) -> StepConfig:
         ),
         advantage=lc.advantage,
         micro_batch=lc.micro_batch,
+        max_tokens_per_micro_batch=lc.max_tokens_per_micro_batch,
         grad_clip=lc.grad_clip,
         temperature=settings.sampling.temperature if settings.sampling.temperature > 0 else 1.0,
     )
