@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from asympo.advantages import compute_advantages
@@ -279,7 +280,12 @@ def _world() -> tuple[int, bool]:
 def _all_reduce(values: Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> Tensor:
     world, active = _world()
     if active and world > 1:
-        dist.all_reduce(values, op=op)
+        if dist.get_backend() == "nccl":  # NCCL reduces device tensors only
+            on_device = values.cuda()
+            dist.all_reduce(on_device, op=op)
+            values.copy_(on_device.cpu())
+        else:
+            dist.all_reduce(values, op=op)
     return values
 
 
@@ -396,7 +402,7 @@ def train_step(
     model.train()
     optimizer.zero_grad(set_to_none=True)
     batches = list(_micro_batches(seqs, cfg))
-    if not batches:  # this rank got no data: still join the gradient all-reduce
+    for _ in range(_empty_passes(model, len(batches))):
         _backward_nothing(model, pad_id, device)
     for index, part in enumerate(batches):
         mb = collate(part, pad_id, device)
@@ -463,6 +469,19 @@ def train_step(
     totals = dict(zip(_SUM_KEYS, (float(x) for x in totals_t), strict=True))
     ratio_max = float(_all_reduce(torch.tensor([ratio_max]), dist.ReduceOp.MAX).item())
     return _summarise(totals, ratio_max, grad_norm, needs_behaviour)
+
+
+def _empty_passes(model: torch.nn.Module, n_batches: int) -> int:
+    """Forward/backward passes without data this rank must add to join the collectives.
+
+    DDP all-reduces once, in the last backward: a rank without data joins with one empty
+    pass. FSDP all-gathers in every forward, so every rank runs as many passes as the
+    rank with the most micro-batches.
+    """
+    if isinstance(model, FSDPModule):
+        most = _all_reduce(torch.tensor([n_batches], dtype=torch.long), dist.ReduceOp.MAX)
+        return int(most.item()) - n_batches
+    return 1 if n_batches == 0 else 0
 
 
 def _backward_nothing(model: torch.nn.Module, pad_id: int, device: torch.device) -> None:

@@ -4,6 +4,11 @@ Rank 0 reads the scored stream, forms the batch and broadcasts it as serialized
 ``ScoredGroup`` protobufs (never pickle); rank r trains ``groups[r::world]``; the
 training step (``asympo.training.train_step``) weights every micro-batch by its share of
 the *global* batch, so the DDP-averaged gradient equals the single-process one.
+
+Rank 0 also sends commands the other ranks must join when the model is sharded (FSDP),
+because the work is collective: ``CHECKPOINT`` (write this rank's shards for a version),
+``PUBLISH`` (the probe forward, then the full-weight gather), ``GATHER`` (the gather
+alone), and ``STOP``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,20 @@ from torch.nn.parallel import DistributedDataParallel
 from asympo.training import TrainGroup, group_from_scored
 from asympo.v1 import records_pb2
 
-_STOP = -1
+STOP = -1
+CHECKPOINT = -2
+PUBLISH = -3
+GATHER = -4
+BATCH = 0
+
+
+@dataclass(frozen=True)
+class Command:
+    """What rank 0 told the other ranks: a batch to train, or a collective to join."""
+
+    kind: int  # BATCH, STOP, CHECKPOINT, PUBLISH or GATHER
+    arg: int = 0  # CHECKPOINT: the version
+    payload: list[bytes] | None = None  # BATCH: serialized ScoredGroups
 
 
 @dataclass(frozen=True)
@@ -78,16 +96,43 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _send_header(kind_or_len: int, arg: int) -> tuple[int, int]:
+    header = torch.zeros(2, dtype=torch.long, device=_comm_device())
+    if dist.get_rank() == 0:
+        header[0], header[1] = kind_or_len, arg
+    dist.broadcast(header, 0)
+    first, second = (int(x) for x in header.tolist())
+    return first, second
+
+
+def send_command(kind: int, arg: int = 0) -> None:
+    """Rank 0: tell the other ranks to join ``kind`` (STOP, CHECKPOINT, PUBLISH, GATHER)."""
+    if kind >= 0:
+        raise ValueError(f"not a command: {kind}")
+    _send_header(kind, arg)
+
+
+def receive_command() -> Command:
+    """Ranks > 0: wait for rank 0's next batch or command."""
+    first, arg = _send_header(0, 0)
+    if first < 0:
+        return Command(first, arg)
+    return Command(BATCH, 0, _receive_payload(first, None))
+
+
 def broadcast_batch(payload: list[bytes] | None) -> list[bytes] | None:
     """Rank 0 sends ``payload`` (None = stop); every rank returns what rank 0 sent."""
-    device = _comm_device()
-    header = torch.zeros(1, dtype=torch.long, device=device)
     if dist.get_rank() == 0:
-        header[0] = _STOP if payload is None else len(payload)
-    dist.broadcast(header, 0)
-    n = int(header.item())
-    if n == _STOP:
+        n, _ = _send_header(STOP if payload is None else len(payload), 0)
+    else:
+        n, _ = _send_header(0, 0)
+    if n < 0:
         return None
+    return _receive_payload(n, payload)
+
+
+def _receive_payload(n: int, payload: list[bytes] | None) -> list[bytes]:
+    device = _comm_device()
     lengths = torch.zeros(n, dtype=torch.long, device=device)
     if dist.get_rank() == 0 and payload is not None:
         lengths = torch.tensor([len(p) for p in payload], dtype=torch.long, device=device)

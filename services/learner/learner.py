@@ -32,6 +32,7 @@ import torch
 
 from asympo.config import Settings
 from asympo.losses import LossConfig
+from asympo.probe import probe_logprobs, probe_tokens
 from asympo.run_log import MetricsWriter
 from asympo.streams import Consumer, DecodeFailure, Delivery, decode
 from asympo.tasks import Task
@@ -50,9 +51,23 @@ from services.learner.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    save_checkpoint_shards,
 )
-from services.learner.distributed import DistInfo, broadcast_batch, decode_batch, shard
+from services.learner.distributed import (
+    BATCH,
+    CHECKPOINT,
+    GATHER,
+    PUBLISH,
+    STOP,
+    DistInfo,
+    broadcast_batch,
+    decode_batch,
+    receive_command,
+    send_command,
+    shard,
+)
 from services.learner.publisher import InlinePublisher, PublishFn, VersionPublisher
+from services.learner.sharding import full_state_dict, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -438,6 +453,7 @@ class Learner:
         services/learner/publisher.py: a background publisher only snapshots here)."""
         if self.publisher is None:
             return
+        self._tell_followers(PUBLISH)  # under fsdp they join the probe and the gather
         self.publish_blocked_s = self.publisher.submit(self.version, self.model)
         self.submitted_version = self.version
         self._refresh_published()
@@ -472,6 +488,7 @@ class Learner:
             trained_group_ids=list(self.trained_ids),
             counters=dict(self.counters),
         )
+        self._tell_followers(CHECKPOINT, self.version)
         path = save_checkpoint(
             self.lc.checkpoint_dir, self.model, self.optimizer, self.scheduler, state
         )
@@ -502,6 +519,16 @@ class Learner:
             except Exception as exc:  # the requester gets the failure; training goes on
                 future.set_exception(exc)
 
+    def _tell_followers(self, command: int, arg: int = 0) -> None:
+        """Under FSDP the other ranks must join a publish/checkpoint/gather: tell them."""
+        if self.dist is not None and self.dist.active and is_sharded(self.model):
+            send_command(command, arg)
+
+    def gather_weights(self) -> dict[str, torch.Tensor]:
+        """The full weights on the CPU (rank 0; the other ranks join under FSDP)."""
+        self._tell_followers(GATHER)
+        return full_state_dict(self.model)
+
     def stop_followers(self) -> None:
         """Tell the other ranks (if any) that training is over."""
         if self.dist is not None and self.dist.active:
@@ -521,7 +548,8 @@ def follow(settings: Settings, model: torch.nn.Module, info: DistInfo, pad_id: i
     """Ranks > 0: train the shard of every batch rank 0 broadcasts until it says stop.
 
     Resumes model, optimiser and scheduler from the same checkpoint as rank 0 (the
-    checkpoint directory must be shared). Returns the number of steps taken.
+    checkpoint directory must be shared). Under FSDP it also joins rank 0's checkpoints,
+    publications (probe forward and weight gather) and gathers. Returns the steps taken.
     """
     optimizer, scheduler = make_optimizer(model, settings)
     path = latest_checkpoint(settings.learner.checkpoint_dir)
@@ -529,8 +557,17 @@ def follow(settings: Settings, model: torch.nn.Module, info: DistInfo, pad_id: i
         load_checkpoint(path, model, optimizer, scheduler)
     cfg = step_config(settings)
     steps = 0
-    while (payload := broadcast_batch(None)) is not None:
-        groups = shard(decode_batch(payload), info)
-        train_step(model, optimizer, groups, cfg, scheduler, pad_id=pad_id)
-        steps += 1
+    while (command := receive_command()).kind != STOP:
+        if command.kind == BATCH:
+            groups = shard(decode_batch(command.payload or []), info)
+            train_step(model, optimizer, groups, cfg, scheduler, pad_id=pad_id)
+            steps += 1
+        elif command.kind == CHECKPOINT:
+            save_checkpoint_shards(settings.learner.checkpoint_dir, command.arg, model, optimizer)
+        elif command.kind == PUBLISH:  # the same collectives, in the same order, as rank 0
+            config: Any = getattr(model, "config", None)
+            probe_logprobs(model, probe_tokens(int(config.vocab_size)))
+            full_state_dict(model)
+        elif command.kind == GATHER:
+            full_state_dict(model)
     return steps

@@ -35,6 +35,7 @@ import torch
 from asympo.v1 import records_pb2
 from asympo.weights_client import PublishRejected, WeightsClient, WeightsClientError
 from services.learner import metrics
+from services.learner.sharding import full_state_dict, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,10 @@ def snapshot_state(
     run allocates its host buffers once. Tensors that share storage on the model (tied
     embeddings) get a buffer each: safetensors refuses shared storage.
     """
+    if is_sharded(model):
+        # Collective (the other ranks join it): gathered one parameter at a time into
+        # fresh host tensors on rank 0, so there is one full copy and nothing to reuse.
+        return full_state_dict(model)
     state = _bare(model).state_dict()
     pin = torch.cuda.is_available() and any(t.is_cuda for t in state.values())
     out: dict[str, torch.Tensor] = {}
