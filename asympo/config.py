@@ -163,6 +163,18 @@ class LearnerSettings(Section):
     checkpoint_dir: str = "runs/learner"
     seed: int = 0
     device: str = "auto"
+    strategy: Literal["auto", "single", "ddp", "fsdp"] = Field(
+        "auto",
+        description="model layout over torchrun ranks: auto = fsdp on CUDA, ddp on CPU, "
+        "single without torchrun (docs/scaling.md)",
+    )
+    mixed_precision: Literal["bf16", "fp32"] = Field(
+        "bf16", description="fsdp compute dtype (master weights, reduction, AdamW stay fp32)"
+    )
+    cpu_offload: bool = Field(False, description="fsdp: keep shards and AdamW state in host RAM")
+    activation_checkpointing: bool = Field(
+        False, description="recompute each decoder layer in backward instead of storing it"
+    )
 
     @field_validator("clip_ratio_c")
     @classmethod

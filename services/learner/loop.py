@@ -22,6 +22,7 @@ from asympo.run_log import MetricsWriter
 from asympo.tasks import Task
 from asympo.verifiers import as_verdict, resolve_verifier
 from services.learner.learner import Learner
+from services.learner.sharding import is_sharded
 
 log = logging.getLogger("asympo.learner")
 
@@ -116,10 +117,12 @@ def finish(
 ) -> None:
     """After a clean stop: checkpoint, publish what is unpublished (and wait until the store
     has it), save the final model."""
-    learner.stop_followers()
+    # Under fsdp the other ranks join these three, so they are told to stop after.
     learner.checkpoint()
     learner.finish_publishing()
     final = Path(settings.run_dir) / "final"
-    model.save_pretrained(str(final))
+    weights = learner.gather_weights() if is_sharded(learner.model) else None
+    learner.stop_followers()
+    model.save_pretrained(str(final), state_dict=weights)
     tokenizer.save_pretrained(str(final))
     log.info("learner stopped at version %d; final model in %s", learner.version, final)

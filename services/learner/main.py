@@ -29,11 +29,12 @@ from asympo.tasks import task_from_settings
 from asympo.tracking import open_trackers
 from asympo.weights_client import WeightsClient
 from services.learner import metrics
-from services.learner.distributed import init_distributed, wrap_ddp
+from services.learner.distributed import init_distributed
 from services.learner.learner import Learner, follow
 from services.learner.loop import TrainingLoop, finish
 from services.learner.publisher import BackgroundPublisher, store_sink
 from services.learner.server import start_grpc
+from services.learner.sharding import is_sharded, wrap_model
 
 log = logging.getLogger("asympo.learner")
 
@@ -60,7 +61,14 @@ def run(settings: Settings) -> None:
         model = load_causal_lm(path, settings.model.dtype, str(info.device)).train()
         tokenizer = load_tokenizer(path)
         pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-        trained = wrap_ddp(model, info)
+        trained = wrap_model(
+            model,
+            info,
+            lc.strategy,
+            lc.mixed_precision,
+            lc.cpu_offload,
+            lc.activation_checkpointing,
+        )
         if task is None:
             steps = follow(settings, trained, info, pad_id)
             log.info("rank %d: trained %d steps", info.rank, steps)
@@ -89,7 +97,14 @@ def run(settings: Settings) -> None:
         grpc_server = start_grpc(settings, learner)
         svc.closing(lambda: grpc_server.stop(grace=1.0))
         svc.http(metrics.REGISTRY, settings, lc.host, lc.http_port)
-        loop = TrainingLoop(settings, learner, model, tokenizer, task, writer, svc.stop)
+        loop_settings = settings
+        if is_sharded(trained) and lc.eval_every:
+            # Greedy decoding on rank 0 alone would wait forever for the other ranks' shards.
+            log.warning("learner.eval_every is ignored under fsdp (evaluate published versions)")
+            loop_settings = settings.model_copy(
+                update={"learner": lc.model_copy(update={"eval_every": 0})}
+            )
+        loop = TrainingLoop(loop_settings, learner, model, tokenizer, task, writer, svc.stop)
         # A step is never cut short: the model is saved only after it ends.
         svc.loop("learner-loop", loop.step, join_timeout_s=None)
         log.info(
