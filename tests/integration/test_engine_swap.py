@@ -49,7 +49,13 @@ def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def engine(base_dir: Path) -> Iterator[Any]:
     from asympo.engines.vllm_engine import VLLMEngine
 
-    eng = VLLMEngine(str(base_dir), dtype="float32", max_model_len=256, kv_cache_gib=1.0)
+    eng = VLLMEngine(
+        str(base_dir),
+        dtype="float32",
+        max_model_len=256,
+        kv_cache_gib=1.0,
+        engine_args={"max_num_batched_tokens": 1536},  # passed through (checked below)
+    )
     yield eng
     eng.close()
 
@@ -220,3 +226,10 @@ def test_sampling_contract_and_bad_requests(engine: Any, tokenizer: Any) -> None
         engine.load_weights(Path("/nonexistent/weights"))
     # The engine still serves after refusing bad requests.
     assert engine.generate([GenerationRequest(prompt, temperature=0.0, max_tokens=2)])
+
+
+def test_engine_args_reach_vllm_and_the_cpu_backend_runs_eager(engine: Any) -> None:
+    config = engine._llm.vllm_config
+    assert config.scheduler_config.max_num_batched_tokens == 1536
+    assert config.model_config.enforce_eager  # CUDA graphs only where there is CUDA
+    assert config.parallel_config.tensor_parallel_size == 1
