@@ -120,6 +120,9 @@ class RolloutSettings(Section):
         description="the weights store directory when this replica can read it (same node, "
         "ReadWriteMany volume): versions load from it in place, no copy (empty = fetch)",
     )
+    dtype: Literal["", "float32", "bfloat16", "float16"] = Field(
+        "", description="engine dtype; empty = model.dtype (bf16 rollout, fp32 learner)"
+    )
     tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs per vLLM replica")
     max_model_len: int = Field(0, ge=0, description="vLLM context length (0 = the model's)")
     cuda_graphs: bool = Field(True, description="vLLM CUDA graphs on GPU (CPU is always eager)")

@@ -55,7 +55,7 @@ def create_engine(settings: Settings, model: str, max_model_len: int | None = No
 
         return VLLMEngine(
             model,
-            dtype=settings.model.dtype,
+            dtype=settings.rollout.dtype or settings.model.dtype,
             max_model_len=max_model_len or settings.rollout.max_model_len or None,
             kv_cache_gib=settings.rollout.kv_cache_gib,
             gpu_memory_utilization=settings.rollout.gpu_memory_utilization,
@@ -69,7 +69,7 @@ def create_engine(settings: Settings, model: str, max_model_len: int | None = No
     from asympo.engines.hf_engine import HFEngine
 
     device = "cuda" if settings.learner.device == "auto" and _cuda() else "cpu"
-    return HFEngine(model, dtype=settings.model.dtype, device=device)
+    return HFEngine(model, dtype=settings.rollout.dtype or settings.model.dtype, device=device)
 
 
 def _cuda() -> bool:
