@@ -9,6 +9,7 @@ scripts/gpu_check.py. Memory is an estimate, not a measurement: the formulas are
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 GIB = 1 << 30
 
@@ -122,6 +123,26 @@ def learner_memory(
         "total": (state + gathered + acts) / GIB,
         "host": host / GIB,
     }
+
+
+def build_random_model(arch: Arch, seed: int = 0, max_positions: int = 4096) -> Any:
+    """A randomly initialised Qwen3 causal LM of ``arch`` (float32, CPU; nothing downloaded)."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=arch.vocab,
+        hidden_size=arch.hidden,
+        intermediate_size=arch.intermediate,
+        num_hidden_layers=arch.layers,
+        num_attention_heads=arch.heads,
+        num_key_value_heads=arch.kv_heads,
+        head_dim=arch.head_dim,
+        tie_word_embeddings=arch.tied,
+        max_position_embeddings=max_positions,
+    )
+    return Qwen3ForCausalLM(config).float()
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
