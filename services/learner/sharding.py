@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import (
@@ -103,6 +104,12 @@ def apply_fsdp(
     The model's parameters stay in their loaded dtype (float32 = the master weights);
     ``precision`` only sets the compute and reduction dtypes.
     """
+    if not dist.is_initialized():
+        if info.active:
+            raise ShardingError("learner.strategy=fsdp with several ranks needs torchrun")
+        # One process without torchrun (e.g. `asympo up`): FSDP and DCP still need a group.
+        backend = "nccl" if info.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     mesh = init_device_mesh(info.device.type, (info.world,))
     policy = mixed_precision_policy(precision)
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
