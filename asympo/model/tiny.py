@@ -274,6 +274,11 @@ def build_and_warm_start(
     return TinyModelResult(out_dir, result.accuracy, n_params, False, time.monotonic() - start)
 
 
+# How the build child reports a user mistake: one prefixed line and its own exit status.
+_USER_ERROR = "build refused: "
+_USER_ERROR_EXIT = 3
+
+
 def file_sha256(path: Path) -> str:
     """Hex sha256 of a file's bytes."""
     digest = hashlib.sha256()
@@ -301,6 +306,10 @@ def build_in_child(
                 log(line)
             tail = [*tail[-19:], line]
         code = child.wait()
+    if code == _USER_ERROR_EXIT:
+        # The child's one-line reason, raised as the ValueError it was (no child traceback).
+        reasons = [line[len(_USER_ERROR) :] for line in tail if line.startswith(_USER_ERROR)]
+        raise ValueError(reasons[-1] if reasons else "tiny model build refused its settings")
     if code != 0:
         raise RuntimeError(f"tiny model build failed (exit {code}):\n" + "\n".join(tail))
     manifest = read_manifest(out_dir)
@@ -379,7 +388,11 @@ def _main(argv: list[str]) -> int:
     """Child entry point: ``python -m asympo.model.tiny SPEC_JSON OUT_DIR``."""
     spec_json, out_dir = argv
     torch.use_deterministic_algorithms(True)
-    build_and_warm_start(TinyModelSpec.from_json(spec_json), Path(out_dir), log=_say)
+    try:
+        build_and_warm_start(TinyModelSpec.from_json(spec_json), Path(out_dir), log=_say)
+    except ValueError as exc:  # a user mistake (task data, alphabet, verifier): one line
+        _say(f"{_USER_ERROR}{exc}")
+        return _USER_ERROR_EXIT
     return 0
 
 
