@@ -277,6 +277,9 @@ class StagedPublish:
         self._hashes: dict[str, BackgroundHash] = {}
         self._files: dict[str, BinaryIO] = {}
         self.bytes_received = 0
+        # False after a commit that re-published a version the store already held: callers
+        # must not announce it again (watchers would see versions go backwards).
+        self.is_new = True
         self._done = False
 
     def __enter__(self) -> StagedPublish:
@@ -324,7 +327,7 @@ class StagedPublish:
             with (self.dir / MANIFEST_NAME).open("rb") as mf:
                 os.fsync(mf.fileno())
             _fsync_dir(self.dir)
-            stored = self.store._install(self.dir, manifest)
+            stored, self.is_new = self.store._install(self.dir, manifest)
         except BaseException:
             self.abort()
             raise
@@ -568,14 +571,15 @@ class WeightStore:
 
     def _install(
         self, staged: Path, manifest: records_pb2.WeightsManifest
-    ) -> records_pb2.WeightsManifest:
+    ) -> tuple[records_pb2.WeightsManifest, bool]:
+        """Rename ``staged`` into place: (stored manifest, whether the version is new)."""
         target = self.versions_dir / version_dirname(manifest.version)
         with self._lock:
             self._check_order(manifest)
             existing = self._manifests.get(manifest.version)
             if existing is not None:  # identical re-publish: keep the first copy
                 shutil.rmtree(staged, ignore_errors=True)
-                return existing
+                return existing, False
             os.rename(staged, target)
             _fsync_dir(self.versions_dir)
             for info in manifest.shards:  # just verified by StagedPublish.commit
@@ -584,7 +588,7 @@ class WeightStore:
             self._lock.notify_all()
         log.info("published version %d (%d shards)", manifest.version, len(manifest.shards))
         self.prune()
-        return manifest
+        return manifest, True
 
     # -- retention ----------------------------------------------------------------------
 

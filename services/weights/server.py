@@ -110,7 +110,8 @@ class WeightsServicer(weights_pb2_grpc.WeightsServicer):
         metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
         metrics.PUBLISHED.inc()
         self._refresh_gauges()
-        self._announce(manifest)
+        if staged.is_new:  # a retried or resumed identical re-publish is not news
+            self._announce(manifest)
         return weights_pb2.PublishReply(
             version=manifest.version, bytes_received=staged.bytes_received
         )

@@ -132,6 +132,11 @@ def test_publish_fetch_real_model_bit_identical(
     latest = client.latest()
     assert latest is not None and latest.version == 1 and latest.parent_version == 0
     assert list(latest.probe.logprobs) == [-0.5, -1.25]
+    # A resumed learner re-publishing an older version it already published (same bytes):
+    # accepted, but not announced again, so watchers never see versions go backwards.
+    client.publish_state_dict(
+        model.state_dict(), version=0, probe=probe, metadata={"step": "0"}, max_shard_bytes=100_000
+    )
     # Announced on the run's weights stream and on Watch.
     entries = redis_client.xrange(stream_settings.key(stream_settings.weights))
     announced = [decode(f, records_pb2.VersionAnnouncement) for _, f in entries]
