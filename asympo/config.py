@@ -58,6 +58,12 @@ class StreamSettings(Section):
     reclaim_idle_ms: int = Field(30_000, ge=100, description="pending this long = consumer dead")
     max_deliveries: int = Field(5, ge=1, description="deliveries before an entry is dead-lettered")
     max_entry_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    trim_acked_every_s: float = Field(
+        10.0,
+        ge=0,
+        description="consumers trim what every group has acknowledged this often "
+        "(0 = never; MAXLEN still bounds every stream)",
+    )
 
     def key(self, name: str) -> str:
         """The Redis key of stream ``name`` for this run."""

@@ -361,6 +361,7 @@ class Consumer(Generic[M]):
             registry=registry,
             dead_letter_maxlen=streams.maxlen,
             max_entry_bytes=streams.max_entry_bytes,
+            trim_every_s=streams.trim_acked_every_s or None,
         )
 
     def ensure_group(self) -> None:

@@ -159,6 +159,9 @@ def chaos_settings(tmp_path: Path, redis_url: str) -> Settings:
         f"redis.url={redis_url}",
         f"streams.run_id={run_id}",
         "streams.reclaim_idle_ms=2000",
+        # The audit reads every entry the run produced: keep acknowledged ones (trimming
+        # them has its own test, tests/integration/test_stream_trim.py).
+        "streams.trim_acked_every_s=0",
         f"learner.max_steps={STEPS}",
         f"learner.groups_per_step={GROUPS_PER_STEP}",
         f"learner.checkpoint_every={CHECKPOINT_EVERY}",
