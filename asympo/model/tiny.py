@@ -25,6 +25,7 @@ cache on first use; ``asympo init-model --verify`` rebuilds it and compares the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -34,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,9 +245,7 @@ def build_and_warm_start(
     # then the model is not reproducible: say so in the manifest.
     clock_stopped = result.seconds > spec.schedule.hard_max_seconds
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with _installed_atomically(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         save_char_tokenizer(tmp, arch.max_positions)
         manifest = {
@@ -265,18 +264,28 @@ def build_and_warm_start(
             "stopped_by_clock": clock_stopped,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return TinyModelResult(out_dir, result.accuracy, n_params, False, time.monotonic() - start)
 
 
 # How the build child reports a user mistake: one prefixed line and its own exit status.
 _USER_ERROR = "build refused: "
 _USER_ERROR_EXIT = 3
+
+
+@contextlib.contextmanager
+def _installed_atomically(out_dir: Path) -> Iterator[Path]:
+    """A scratch directory beside ``out_dir`` that replaces it only if the body succeeds,
+    so a crash never leaves a half-written model under its cache key."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def file_sha256(path: Path) -> str:
@@ -329,16 +338,8 @@ def _copy_shipped(out_dir: Path) -> bool:
     manifest = read_manifest(source)
     if manifest is None or file_sha256(source / WEIGHTS) != manifest.get("sha256"):
         return False
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with _installed_atomically(out_dir) as tmp:
         shutil.copytree(source, tmp, dirs_exist_ok=True)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return True
 
 
