@@ -28,13 +28,6 @@ from asympo.verifiers.boxed import last_boxed
 from asympo.verifiers.verdict import Verdict
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> object:
-    d = tmp_path_factory.mktemp("tok")
-    save_char_tokenizer(d, 256)
-    return AutoTokenizer.from_pretrained(d)
-
-
 def small(**fields: object) -> TaskSettings:
     return TaskSettings(train_size=20, eval_size=5, **fields)  # type: ignore[arg-type]
 

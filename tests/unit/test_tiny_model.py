@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from asympo.config import load_settings
 from asympo.model.architecture import TinyArchitecture, build_tiny_model, count_parameters
-from asympo.model.char_tokenizer import CHARACTERS, EOS_TOKEN, char_vocab, save_char_tokenizer
+from asympo.model.char_tokenizer import CHARACTERS, EOS_TOKEN, char_vocab
 from asympo.model.tiny import (
     MANIFEST,
     SHIPPED_DIR,
@@ -28,13 +28,6 @@ from asympo.model.tiny import (
 )
 from asympo.model.warm_start import IGNORE, collate, encode_example
 from asympo.tasks import PRINTABLE_ALPHABET
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> object:
-    d = tmp_path_factory.mktemp("tok")
-    save_char_tokenizer(d, 256)
-    return AutoTokenizer.from_pretrained(d)
 
 
 def test_tokenizer_is_one_token_per_character_and_round_trips(tokenizer: object) -> None:
