@@ -178,6 +178,7 @@ class Learner:
         self.published_version = -1  # newest version verified in the store
         self.submitted_version = -1  # newest version handed to the publisher
         self.publish_blocked_s = 0.0  # the training loop's blocked time in the last publish
+        self._checkpoint_s_since_record = 0.0  # goes into the next step's record
         self._first_publish_done = False
         self.trained_group_log: list[str] = []  # group ids trained by this process, in order
         self._last_touch = 0.0
@@ -385,12 +386,18 @@ class Learner:
             record["publish_blocked_s"] = self.publish_blocked_s
         record["publish_s"] = time.monotonic() - mark
         record["published_version"] = self.published_version
-        mark = time.monotonic()
-        if self.version % self.lc.checkpoint_every == 0:
-            self.checkpoint()
-        record["checkpoint_s"] = time.monotonic() - mark
+        # The checkpoint comes after the record is on disk, so a checkpointed step always
+        # has its line in metrics.jsonl (a kill between the two would otherwise lose it
+        # for good: the resumed learner starts after that step). Its time therefore goes
+        # into the next record's checkpoint_s (time spent checkpointing since the last one).
+        record["checkpoint_s"] = self._checkpoint_s_since_record
         self._export(record, stalenesses, len(batch), n_samples)
         self.last_record = record
+        mark = time.monotonic()
+        self._checkpoint_s_since_record = 0.0
+        if self.version % self.lc.checkpoint_every == 0:
+            self.checkpoint()
+            self._checkpoint_s_since_record = time.monotonic() - mark
         self.admit()
         return record
 

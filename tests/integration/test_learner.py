@@ -19,6 +19,7 @@ import torch
 from pydantic import SecretStr
 
 from asympo.config import LearnerSettings, SamplingSettings, Settings, StreamSettings, TaskSettings
+from asympo.run_log import METRICS_FILE, MetricsWriter, read_metrics
 from asympo.serving import bearer_metadata
 from asympo.streams import Consumer, Producer, decode
 from asympo.tasks import load_task
@@ -163,6 +164,34 @@ def test_crash_between_checkpoint_and_ack_trains_nothing_twice(
     assert second.step(timeout_s=5) is not None
     assert not set(trained_before) & set(second.trained_group_log)
     assert len(second.trained_group_log) == 2
+
+
+def test_a_checkpointed_step_has_its_metrics_line_before_the_checkpoint_exists(
+    redis_client: redis.Redis, run_id: str, key_prefix: str, tmp_path: Path
+) -> None:
+    # A kill between a checkpoint and its step's metrics line would lose that line for
+    # good (the resumed learner starts after the step), so the line must come first.
+    settings = settings_for(run_id, tmp_path / "ckpt")
+    fill(redis_client, settings, run_id, 4)
+    writer = MetricsWriter(tmp_path / "run" / METRICS_FILE)
+    learner = Learner(settings, redis_client, tiny_model(), metrics_writer=writer)
+    seen_at_checkpoint: list[list[int]] = []
+    real_checkpoint = learner.checkpoint
+
+    def checkpoint_after_looking() -> str:
+        steps = [r["step"] for r in read_metrics(writer.path) if "loss" in r]
+        seen_at_checkpoint.append(steps)
+        return real_checkpoint()
+
+    learner.checkpoint = checkpoint_after_looking  # type: ignore[method-assign]
+    try:
+        for _ in range(2):
+            assert learner.step(timeout_s=5) is not None
+    finally:
+        writer.close()
+    assert seen_at_checkpoint == [[1, 2]]  # checkpoint_every=2: step 2 already logged
+    records = read_metrics(writer.path)
+    assert [r["checkpoint_s"] for r in records] == [0.0, 0.0]  # reported by the next step
 
 
 class FastRollout(threading.Thread):
