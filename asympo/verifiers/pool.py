@@ -12,6 +12,7 @@ and the time limit only counts from the moment a ready worker receives the reque
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import queue
@@ -207,6 +208,7 @@ class VerifierPool:
             bool(reply["timed_out"]),
             bool(reply["failed"]),
             elapsed,
+            bool(reply.get("shaped", False)),
         )
         return verdict, worker
 
@@ -233,4 +235,4 @@ class VerifierPool:
 
 
 def _with_elapsed(verdict: Verdict, elapsed: float) -> Verdict:
-    return Verdict(verdict.reward, verdict.reason, verdict.timed_out, verdict.failed, elapsed)
+    return dataclasses.replace(verdict, elapsed_s=elapsed)

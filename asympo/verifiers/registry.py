@@ -7,6 +7,7 @@ the ``asympo.verifiers`` entry-point group of installed packages.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 from collections.abc import Mapping
@@ -98,7 +99,7 @@ def apply_format_reward(
         return verdict
     if verdict.timed_out or not check(response):
         return verdict
-    return Verdict(format_reward, f"{verdict.reason} (well formatted)")
+    return Verdict(format_reward, f"{verdict.reason} (well formatted)", shaped=True)
 
 
 def run_verifier(
@@ -116,5 +117,5 @@ def run_verifier(
     if not math.isfinite(verdict.reward):
         return Verdict(0.0, f"verifier returned a non-finite reward {verdict.reward}", failed=True)
     reason = verdict.reason[:MAX_REASON_CHARS] or (CORRECT if verdict.reward > 0 else WRONG)
-    verdict = Verdict(verdict.reward, reason, verdict.timed_out, verdict.failed)
+    verdict = dataclasses.replace(verdict, reason=reason)
     return apply_format_reward(name, verdict, response, format_reward)

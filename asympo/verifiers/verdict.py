@@ -15,6 +15,8 @@ class Verdict:
     on the response). ``failed``: the verifier itself broke (crashed, raised, unknown
     name) — not a judgement on the response, so the reward service dead-letters it.
     ``elapsed_s``: wall time of the call as the pool measured it (not compared).
+    ``shaped``: the reward is format shaping of a wrong answer (``task.format_reward``),
+    not the verifier's own credit.
     """
 
     reward: float
@@ -22,6 +24,13 @@ class Verdict:
     timed_out: bool = False
     failed: bool = False
     elapsed_s: float = field(default=0.0, compare=False)
+    shaped: bool = False
+
+    @property
+    def correct(self) -> bool:
+        """The one meaning of "correct" (train accuracy, the reward service's outcome
+        label): the verifier's own positive credit, not format shaping, not a failure."""
+        return self.reward > 0 and not self.shaped and not self.failed
 
 
 # A verifier takes (response, reference) and judges the response.

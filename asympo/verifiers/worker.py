@@ -4,7 +4,7 @@ Protocol, one JSON object per line (never pickle): the first line on stdin is th
 configuration ``{"plugins": {...}, "format_reward": f, "sys_path": [...]}``; the worker
 answers ``{"ready": true}`` once its imports are done. Then each request line
 ``{"verifier", "response", "reference"}`` gets one verdict line
-``{"reward", "reason", "timed_out", "failed"}``. The protocol uses a private copy of
+``{"reward", "reason", "timed_out", "failed", "shaped"}``. The protocol uses a private copy of
 the original stdout; file descriptor 1 is pointed at stderr so that a plug-in's
 ``print`` cannot corrupt it. The worker exits on EOF, and on its own when its parent
 dies (a hung verifier would otherwise outlive a killed service).
@@ -72,6 +72,7 @@ def main() -> None:
                 "reason": verdict.reason,
                 "timed_out": verdict.timed_out,
                 "failed": verdict.failed,
+                "shaped": verdict.shaped,
             },
         )
 

@@ -256,7 +256,7 @@ class Learner:
             log.warning("dead-lettering untrainable group (%s): %s", *bad)
             self.consumer.dead_letter(delivery, *bad)
             return
-        correct = sum(1 for s in delivery.msg.scores if s.reason == "correct")
+        correct = sum(1 for s in delivery.msg.scores if s.correct)
         self.held_ids.add(delivery.entry_id)
         self.buffer.append(Held(delivery, group, correct))
 

@@ -25,7 +25,7 @@ DUPLICATES = Counter(
 )
 SAMPLES = Counter(
     "asympo_reward_samples_total",
-    "Samples verified, by outcome: correct (reward > 0), wrong, timeout, failed",
+    "Samples verified, by outcome: correct (Verdict.correct), wrong, timeout, failed",
     ["outcome"],
     registry=REGISTRY,
 )

@@ -14,7 +14,7 @@ def outcome(verdict: Verdict) -> str:
         return "failed"
     if verdict.timed_out:
         return "timeout"
-    return "correct" if verdict.reward > 0 else "wrong"
+    return "correct" if verdict.correct else "wrong"
 
 
 def score_items(pool: VerifierPool, items: Sequence[tuple[str, str, str]]) -> list[Verdict]:

@@ -55,7 +55,9 @@ class RewardServicer(reward_pb2_grpc.RewardServicer):
         )
         return reward_pb2.ScoreReply(
             scores=[
-                records_pb2.SampleScore(reward=v.reward, reason=v.reason, timed_out=v.timed_out)
+                records_pb2.SampleScore(
+                    reward=v.reward, reason=v.reason, timed_out=v.timed_out, correct=v.correct
+                )
                 for v in verdicts
             ]
         )

@@ -210,7 +210,9 @@ class RewardWorker:
         scored = records_pb2.ScoredGroup(
             rollout=group,
             scores=[
-                records_pb2.SampleScore(reward=v.reward, reason=v.reason, timed_out=v.timed_out)
+                records_pb2.SampleScore(
+                    reward=v.reward, reason=v.reason, timed_out=v.timed_out, correct=v.correct
+                )
                 for v in verdicts
             ],
             scorer=self.name,

@@ -49,7 +49,10 @@ def scored_group(run_id: str, i: int, version: int, g: int = 3) -> records_pb2.S
         samples=samples,
     )
     scores = [
-        records_pb2.SampleScore(reward=float(r), reason="correct" if r else "wrong")
+        # A plug-in's own reason: train accuracy must come from ``correct``, not the text.
+        records_pb2.SampleScore(
+            reward=float(r), reason="exact match" if r else "no", correct=bool(r)
+        )
         for r in rewards
     ]
     return records_pb2.ScoredGroup(rollout=rollout, scores=scores)
@@ -192,6 +195,15 @@ def test_a_checkpointed_step_has_its_metrics_line_before_the_checkpoint_exists(
     assert seen_at_checkpoint == [[1, 2]]  # checkpoint_every=2: step 2 already logged
     records = read_metrics(writer.path)
     assert [r["checkpoint_s"] for r in records] == [0.0, 0.0]  # reported by the next step
+    # Train accuracy counts the verifier's ``correct``, whatever its reason text says.
+    rewards = {
+        g.rollout.group_id: [sc.reward for sc in g.scores]
+        for g in (scored_group(run_id, i, version=0) for i in range(4))
+    }
+    for r in records:
+        got = [x for gid in r["group_ids"] for x in rewards[gid]]
+        assert r["train_accuracy"] == pytest.approx(sum(got) / len(got))
+    assert any(r["train_accuracy"] > 0 for r in records)
 
 
 class FastRollout(threading.Thread):

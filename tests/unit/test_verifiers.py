@@ -25,6 +25,7 @@ from asympo.verifiers import (
 from asympo.verifiers.exact import verify_exact
 from asympo.verifiers.gsm8k import verify_gsm8k
 from asympo.verifiers.math_equiv import verify_math
+from services.reward.scoring import outcome
 
 TIME_LIMIT_S = 1.5
 MARGIN_S = 1.5
@@ -106,6 +107,10 @@ def test_format_reward_only_for_wrong_but_well_formed() -> None:
     assert apply_format_reward("math", Verdict(0.0, "x"), "\\boxed{1}", 0.2).reward == 0.2
     assert apply_format_reward("gsm8k", Verdict(1.0, "correct"), "#### 85", 0.1).reward == 1.0
     assert apply_format_reward("gsm8k", wrong, "#### 84", 0.0) == wrong
+    shaped = apply_format_reward("gsm8k", wrong, "#### 84", 0.1)
+    assert shaped.reward > 0 and not shaped.correct and outcome(shaped) == "wrong"
+    assert outcome(Verdict(1.0, "exact match")) == "correct"
+    assert not Verdict(1.0, "x", failed=True).correct
 
 
 def test_plugin_return_values_are_normalised() -> None:
@@ -157,6 +162,10 @@ def test_pool_scores_builtins_and_named_plugins(pool: VerifierPool) -> None:
     )
     assert [v.reward for v in verdicts] == [1.0, 0.1, 1.0, 1.0]
     assert verdicts[3].reason == "loud"
+    # "Correct" has one meaning on both sides of the worker pipe: the verifier's own
+    # credit. Format shaping (0.1) is a reward, not a correct answer; a plug-in's own
+    # reason ("loud") does not make a correct answer wrong.
+    assert [v.correct for v in verdicts] == [True, False, True, True]
 
 
 def test_hanging_verifier_is_cut_off_and_pool_goes_on(pool: VerifierPool) -> None:
