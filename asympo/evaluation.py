@@ -26,6 +26,8 @@ from math import comb, sqrt
 
 import torch
 
+from asympo.engines.base import cut_at_stop
+from asympo.model.modes import eval_mode
 from asympo.tasks import Problem, Task
 
 # prompts, samples per prompt, temperature -> completions[prompt][sample]
@@ -162,16 +164,6 @@ def evaluate(
     )
 
 
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """``text`` up to (not including) the first stop string."""
-    end = len(text)
-    for s in stop:
-        i = text.find(s)
-        if s and i != -1:
-            end = min(end, i)
-    return text[:end]
-
-
 @torch.no_grad()
 def hf_greedy(
     model: torch.nn.Module,
@@ -182,11 +174,9 @@ def hf_greedy(
     batch_size: int = 64,
 ) -> list[str]:
     """Greedy completions from a transformers causal LM, left-padded batches, cut at stop."""
-    was_training = model.training
-    model.eval()
     outs: list[str] = []
     tok = tokenizer
-    try:
+    with eval_mode(model):
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
             ids = [tok.encode(p, add_special_tokens=False) for p in chunk]  # type: ignore[attr-defined]
@@ -204,7 +194,5 @@ def hf_greedy(
             )
             for row in gen[:, width:]:
                 text = tok.decode(row.tolist(), skip_special_tokens=True)  # type: ignore[attr-defined]
-                outs.append(cut_at_stop(text, stop))
-    finally:
-        model.train(was_training)
+                outs.append(cut_at_stop(text, stop)[0])
     return outs

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
+from asympo.model.modes import eval_mode
+from asympo.training import token_logprobs
 from asympo.v1 import records_pb2
 
 DEFAULT_PROBE_LENGTH = 32
@@ -36,17 +38,12 @@ def probe_logprobs(model: torch.nn.Module, tokens: Sequence[int]) -> list[float]
     """
     if len(tokens) < 2:
         raise ValueError("a probe needs at least 2 tokens")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         device = next(model.parameters()).device
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
-        logits = model(input_ids=ids).logits[0, :-1].float()  # [L-1, V]
-        logp = torch.log_softmax(logits, dim=-1)
-        picked = logp.gather(-1, ids[0, 1:, None]).squeeze(-1)
+        # The learner's own next-token log-probs: the probe checks what training computes.
+        picked = token_logprobs(model, ids, torch.ones_like(ids))[0, 1:]
         return [float(x) for x in picked.cpu()]
-    finally:
-        model.train(was_training)
 
 
 def make_probe(

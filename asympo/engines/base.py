@@ -137,3 +137,10 @@ def safetensors_files(directory: str | Path) -> list[Path]:
     if not files:
         raise EngineError(f"no .safetensors files in {path}")
     return files
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """``text`` before the earliest stop string, and whether one was found (empty
+    stop strings are ignored)."""
+    hits = [i for i in (text.find(s) for s in stop if s) if i != -1]
+    return (text[: min(hits)], True) if hits else (text, False)

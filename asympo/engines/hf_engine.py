@@ -23,10 +23,12 @@ from asympo.engines.base import (
     GenerationRequest,
     TokenizerText,
     WeightSource,
+    cut_at_stop,
     safetensors_files,
     validate_request,
 )
 from asympo.model.loading import load_causal_lm, load_tokenizer
+from asympo.training import token_logprobs
 
 
 def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -64,12 +66,6 @@ def sample_token_with_logprob(
     else:
         token = int(torch.multinomial(logp.exp(), 1, generator=generator))
     return token, float(logp[token])
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    """``text`` before the earliest stop string, and whether one was found."""
-    hits = [i for i in (text.find(s) for s in stop if s) if i != -1]
-    return (text[: min(hits)], True) if hits else (text, False)
 
 
 class HFEngine(TokenizerText):
@@ -160,9 +156,8 @@ class HFEngine(TokenizerText):
             raise EngineError("a probe needs at least 2 tokens")
         with self._lock:
             ids = torch.tensor([list(tokens)], device=self.device)
-            logp = torch.log_softmax(self.model(input_ids=ids).logits[0].float(), dim=-1)
-        targets = torch.tensor(list(tokens[1:]), device=logp.device)
-        return logp[:-1].gather(-1, targets[:, None])[:, 0].cpu().tolist()
+            picked = token_logprobs(self.model, ids, torch.ones_like(ids))[0, 1:]
+        return [float(x) for x in picked.cpu()]
 
     def close(self) -> None:
         """Nothing to release beyond memory."""

@@ -30,8 +30,10 @@ from typing import Any
 import torch
 
 from asympo.config import TaskSettings
-from asympo.evaluation import cut_at_stop, evaluate, hf_greedy
+from asympo.engines.base import cut_at_stop
+from asympo.evaluation import evaluate, hf_greedy
 from asympo.losses import LOSSES, LossConfig, needs_behaviour_logprobs
+from asympo.model.modes import eval_mode
 from asympo.tasks import Problem, Task, task_from_settings
 from asympo.training import StepConfig, TrainGroup, token_logprobs, train_step
 from asympo.verifiers import resolve_verifier, run_verifier
@@ -211,15 +213,11 @@ def sample_completions(
     width = max(len(p) for p in rows)
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in rows])
     attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows])
-    was_training = model.training
-    model.eval()
     torch.manual_seed(seed)
-    try:
+    with eval_mode(model):
         out = model.generate(  # type: ignore[operator]
             input_ids=input_ids, attention_mask=attention, **sampling_kwargs(tokenizer, max_tokens)
         )
-    finally:
-        model.train(was_training)
     flat = [cut_completion(row.tolist(), stop_ids) for row in out[:, width:]]
     return [flat[i * samples : (i + 1) * samples] for i in range(len(prompts))]
 
@@ -233,12 +231,8 @@ def behaviour_logprobs(
     width = max(len(s) for s in seqs)
     ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs])
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         lp = token_logprobs(model, ids, mask)
-    finally:
-        model.train(was_training)
     return [lp[i, len(p) : len(p) + len(c)].tolist() for i, (p, c) in enumerate(pairs)]
 
 
@@ -269,7 +263,9 @@ def make_groups(
     for i, (problem, prompt, comps) in enumerate(
         zip(problems, prompt_ids, completions, strict=True)
     ):
-        texts = [cut_at_stop(tokenizer.decode(c, skip_special_tokens=True), stop) for c in comps]
+        texts = [
+            cut_at_stop(tokenizer.decode(c, skip_special_tokens=True), stop)[0] for c in comps
+        ]
         rewards = [scorer(t, problem.answer) for t in texts]
         groups.append(
             TrainGroup(

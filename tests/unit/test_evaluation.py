@@ -6,7 +6,8 @@ import itertools
 
 import pytest
 
-from asympo.evaluation import cut_at_stop, evaluate, pass_at_k
+from asympo.engines.base import cut_at_stop
+from asympo.evaluation import evaluate, pass_at_k
 from asympo.tasks import load_task
 from asympo.tasks.base import final_number
 
@@ -50,5 +51,6 @@ def test_evaluate_scores_an_oracle_and_a_half_oracle() -> None:
 
 
 def test_cut_at_stop() -> None:
-    assert cut_at_stop("12\nQ: 3", ["\n"]) == "12"
-    assert cut_at_stop("12", ["\n", ""]) == "12"
+    assert cut_at_stop("12\nQ: 3", ["\n"]) == ("12", True)
+    assert cut_at_stop("12", ["\n", ""]) == ("12", False)
+    assert cut_at_stop("1 Q:2\n", ["\n", "Q:"]) == ("1 ", True)  # the earliest, not the first

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from asympo.engines import Engine, EngineError, GenerationRequest
-from asympo.engines.hf_engine import HFEngine, cut_at_stop, sample_token
+from asympo.engines.base import cut_at_stop
+from asympo.engines.hf_engine import HFEngine, sample_token
 from asympo.model.architecture import TinyArchitecture, build_tiny_model
 from asympo.model.char_tokenizer import save_char_tokenizer
 from asympo.probe import probe_logprobs, probe_tokens
