@@ -2,7 +2,7 @@
 
 The demo's own settings (32 prompts x 8 samples, the shipped warm start, every other
 default) for 60 of its 120 steps, as one `asympo up` run of every service. The held-out
-accuracy after training must clear the Wilson 95 % interval of the start: a system that
+accuracy after training must have its Wilson 95 % interval above the start: a system that
 trains nothing, trains on the wrong sign, or collapses stays inside it or falls below.
 """
 
@@ -47,8 +47,9 @@ def test_shortened_demo_rises_beyond_the_noise_of_its_start(
     # that did learn should not fail the test, a model that did not cannot pass it.
     end = (evals[-1]["accuracy"] + evals[-2]["accuracy"]) / 2
     low, _ = wilson_interval(end, 2 * EVAL_SIZE)
-    _, start_high = wilson_interval(start, EVAL_SIZE)
     summary = [(r["step"], r["accuracy"]) for r in evals]
     print(f"held-out accuracy by step: {summary}; end (last two) {end:.3f} >= {low:.3f}")
+    # The start is one fixed model (the shipped warm start), so its accuracy is a number,
+    # not an estimate: the rise is real when the end's whole 95 % interval lies above it.
+    # Measured (load ~8): 0.380 -> 0.455, 0.480, 0.485; end 0.482, lower bound 0.434.
     assert low > start, f"no rise beyond noise: {summary}"
-    assert end > start_high, f"end inside the start's 95 % interval: {summary}"
