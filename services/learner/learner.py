@@ -180,7 +180,6 @@ class Learner:
         self.publish_blocked_s = 0.0  # the training loop's blocked time in the last publish
         self._checkpoint_s_since_record = 0.0  # goes into the next step's record
         self._first_publish_done = False
-        self.trained_group_log: list[str] = []  # group ids trained by this process, in order
         self._last_touch = 0.0
         self.last_record: dict[str, Any] = {}
         self._checkpoint_requests: queue.SimpleQueue[Future[str]] = queue.SimpleQueue()
@@ -365,7 +364,6 @@ class Learner:
         for h in batch:
             self.unacked.append(h.delivery.entry_id)
             self.trained_ids[h.group.group_id] = None
-            self.trained_group_log.append(h.group.group_id)
         while len(self.trained_ids) > TRAINED_IDS_KEPT:
             self.trained_ids.popitem(last=False)
         n_samples = sum(len(g.completions) for g in groups)
@@ -540,15 +538,6 @@ class Learner:
         """Tell the other ranks (if any) that training is over."""
         if self.dist is not None and self.dist.active:
             broadcast_batch(None)
-
-    def run(self, max_steps: int = 0) -> int:
-        """Step until stopped or ``max_steps`` (0 = forever); returns the steps taken."""
-        steps = 0
-        while not self.stop_event.is_set() and (max_steps == 0 or self.version < max_steps):
-            if self.step(timeout_s=1.0) is not None:
-                steps += 1
-            self.serve_requests()
-        return steps
 
 
 def follow(settings: Settings, model: torch.nn.Module, info: DistInfo, pad_id: int = 0) -> int:

@@ -89,6 +89,19 @@ def fill(r: redis.Redis, settings: Settings, run_id: str, n: int) -> None:
         producer.send(scored_group(run_id, i, version=0))
 
 
+def train_until(learner: Learner, version: int, timeout_s: float = 120) -> list[str]:
+    """Step ``learner`` to ``version``; the group ids it trained, in order (from the
+    records' audit trail, ``group_ids``)."""
+    trained: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while learner.version < version:
+        assert time.monotonic() < deadline, f"stuck at version {learner.version}"
+        record = learner.step(timeout_s=1.0)
+        if record is not None:
+            trained += record["group_ids"]
+    return trained
+
+
 def pending(r: redis.Redis, settings: Settings) -> int:
     info = r.xpending(settings.streams.key(settings.streams.scored), CONSUMER_GROUP)
     return int(info["pending"])
@@ -106,34 +119,28 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(
         fill(redis_client, settings_a, run_id, 10)
         fill(redis_client, settings_b, run_id, 10)
         straight = Learner(settings_a, redis_client, tiny_model())
-        for _ in range(4):
-            assert straight.step(timeout_s=5) is not None
-        assert straight.version == 4
+        straight_log = train_until(straight, 4)
 
         # Interrupted: 2 steps (checkpoint, acked), one more step that is never
         # checkpointed, then the process "dies" without any cleanup.
         first = Learner(settings_b, redis_client, tiny_model())
-        for _ in range(3):
-            assert first.step(timeout_s=5) is not None
-        assert first.version == 3
+        first_log = train_until(first, 3)
         assert pending(redis_client, settings_b) >= 2  # step 3's groups: trained, not acked
-        acked_before_crash = first.trained_group_log[:4]
+        acked_before_crash = first_log[:4]
         del first
 
         # Restart: a fresh model object with other weights; the checkpoint decides.
         second = Learner(settings_b, redis_client, tiny_model(seed=5))
         assert second.version == 2
-        for _ in range(2):
-            assert second.step(timeout_s=5) is not None
-        assert second.version == 4
+        second_log = train_until(second, 4)
 
         torch.testing.assert_close(
             flat_params(second.model), flat_params(straight.model), rtol=1e-5, atol=1e-6
         )
-        history = acked_before_crash + second.trained_group_log
-        assert history == straight.trained_group_log
+        history = acked_before_crash + second_log
+        assert history == straight_log
         assert len(set(history)) == len(history) == 8  # no group trained twice
-        assert not set(acked_before_crash) & set(second.trained_group_log)
+        assert not set(acked_before_crash) & set(second_log)
         assert pending(redis_client, settings_b) == 0  # everything trained is acked
         assert pending(redis_client, settings_a) == 0
     finally:
@@ -149,7 +156,8 @@ def test_crash_between_checkpoint_and_ack_trains_nothing_twice(
     settings = settings_for(run_id, tmp_path / "ckpt")
     fill(redis_client, settings, run_id, 8)
     first = Learner(settings, redis_client, tiny_model())
-    assert first.step(timeout_s=5) is not None
+    step_1 = first.step(timeout_s=5)
+    assert step_1 is not None
 
     def die(*args: object, **kwargs: object) -> int:
         raise RuntimeError("killed after the checkpoint was written, before the ack")
@@ -158,15 +166,18 @@ def test_crash_between_checkpoint_and_ack_trains_nothing_twice(
     with pytest.raises(RuntimeError, match="killed"):
         first.step(timeout_s=5)  # step 2 trains, checkpoints, then dies
     assert pending(redis_client, settings) == 4  # nothing acked yet
-    trained_before = list(first.trained_group_log)
+    # Step 2's record was written before its checkpoint, so the learner still holds it.
+    trained_before = step_1["group_ids"] + first.last_record["group_ids"]
+    assert first.last_record["step"] == 2
     del first
 
     second = Learner(settings, redis_client, tiny_model(seed=3))
     assert second.version == 2
     assert pending(redis_client, settings) == 0  # the checkpoint's entries were acked on resume
-    assert second.step(timeout_s=5) is not None
-    assert not set(trained_before) & set(second.trained_group_log)
-    assert len(second.trained_group_log) == 2
+    step_3 = second.step(timeout_s=5)
+    assert step_3 is not None
+    assert not set(trained_before) & set(step_3["group_ids"])
+    assert len(step_3["group_ids"]) == 2
 
 
 def test_a_checkpointed_step_has_its_metrics_line_before_the_checkpoint_exists(

@@ -18,7 +18,7 @@ from asympo.streams import Producer, decode
 from asympo.v1 import records_pb2
 from services.learner import metrics
 from services.learner.learner import Learner
-from tests.integration.test_learner import pending, scored_group, settings_for
+from tests.integration.test_learner import pending, scored_group, settings_for, train_until
 from tests.unit.test_learner_step import VOCAB, tiny_model
 
 POISON_REASONS = {
@@ -74,7 +74,12 @@ def test_poison_groups_are_dead_lettered_at_intake_and_stay_gone(
     before = {r: counted(settings, r) for r in POISON_REASONS.values()}
     learner = Learner(settings, redis_client, tiny_model())
     # The learner is already running (and waiting) when the poison arrives.
-    runner = threading.Thread(target=learner.run, kwargs={"max_steps": 3}, daemon=True)
+    trained: list[str] = []
+    runner = threading.Thread(
+        target=lambda out, lrn: out.extend(train_until(lrn, 3)),
+        args=(trained, learner),
+        daemon=True,
+    )
     runner.start()
     kinds = list(POISON_REASONS)
     for i in range(8):
@@ -91,7 +96,7 @@ def test_poison_groups_are_dead_lettered_at_intake_and_stay_gone(
         assert POISON_REASONS[msg.rollout.group_id.rsplit(":", 1)[1]] == dl.reason.split(":")[0]
     for reason in POISON_REASONS.values():
         assert counted(settings, reason) == before[reason] + 1
-    assert not any("poison" in g for g in learner.trained_group_log)
+    assert len(trained) == 3 * 2 and not any("poison" in g for g in trained)
     # Under a behaviour-corrected loss each step's record and /metrics carry the ratio
     # statistics, and under every loss the update split.
     rec = learner.last_record
@@ -112,6 +117,6 @@ def test_poison_groups_are_dead_lettered_at_intake_and_stay_gone(
     second = Learner(settings, redis_client, tiny_model(seed=3))
     assert second.version == 2
     assert not any("poison" in h.group.group_id for h in second.buffer)
-    assert second.run(max_steps=4) == 2
-    assert not any("poison" in g for g in second.trained_group_log)
+    resumed = train_until(second, 4)
+    assert len(resumed) == 2 * 2 and not any("poison" in g for g in resumed)
     assert len(dead_letters(redis_client, settings)) == len(POISON_REASONS)
