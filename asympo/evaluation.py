@@ -27,7 +27,7 @@ from math import comb, sqrt
 import torch
 
 from asympo.engines.base import cut_at_stop
-from asympo.model.modes import eval_mode
+from asympo.eval_mode import eval_mode
 from asympo.tasks import Problem, Task
 
 # prompts, samples per prompt, temperature -> completions[prompt][sample]

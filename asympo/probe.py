@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from asympo.model.modes import eval_mode
+from asympo.eval_mode import eval_mode
 from asympo.training import token_logprobs
 from asympo.v1 import records_pb2
 

@@ -31,9 +31,9 @@ import torch
 
 from asympo.config import TaskSettings
 from asympo.engines.base import cut_at_stop
+from asympo.eval_mode import eval_mode
 from asympo.evaluation import evaluate, hf_greedy
 from asympo.losses import LOSSES, LossConfig, needs_behaviour_logprobs
-from asympo.model.modes import eval_mode
 from asympo.tasks import Problem, Task, task_from_settings
 from asympo.training import StepConfig, TrainGroup, token_logprobs, train_step
 from asympo.verifiers import resolve_verifier, run_verifier

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from asympo.model.modes import eval_mode
+from asympo.eval_mode import eval_mode
 
 
 @pytest.mark.parametrize("training", [True, False])
