@@ -28,6 +28,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from asympo.advantages import compute_advantages
+from asympo.collectives import all_reduce, world_size
 from asympo.losses import (
     LossConfig,
     MissingBehaviourLogprobs,
@@ -36,7 +37,6 @@ from asympo.losses import (
     loss_aggregation,
     loss_spec,
 )
-from asympo.v1 import records_pb2
 
 
 @dataclass(frozen=True)
@@ -77,29 +77,6 @@ class TrainGroup:
     def oldest_version(self) -> int:
         """The oldest policy version that generated any of its samples."""
         return min(self.versions)
-
-
-def group_from_scored(scored: records_pb2.ScoredGroup) -> TrainGroup:
-    """The :class:`TrainGroup` of a ``ScoredGroup`` record (behaviour log-probs if complete)."""
-    rollout = scored.rollout
-    if len(scored.scores) != len(rollout.samples):
-        raise ValueError(
-            f"group {rollout.group_id!r}: {len(scored.scores)} scores for "
-            f"{len(rollout.samples)} samples"
-        )
-    samples = list(rollout.samples)
-    behaviour: list[list[float]] | None = [list(s.behaviour_logprobs) for s in samples]
-    if any(len(s.behaviour_logprobs) != len(s.completion_tokens) for s in samples):
-        behaviour = None
-    prompt = list(rollout.prompt_tokens) or list(rollout.prompt.prompt_tokens)
-    return TrainGroup(
-        group_id=rollout.group_id,
-        prompt_tokens=prompt,
-        completions=[list(s.completion_tokens) for s in samples],
-        rewards=[float(s.reward) for s in scored.scores],
-        versions=[int(s.version.start) for s in samples],
-        behaviour_logprobs=behaviour,
-    )
 
 
 @dataclass(frozen=True)
@@ -271,24 +248,6 @@ def token_logprobs(
     return _logprobs_and_entropy(model, input_ids, attention_mask, temperature)[0]
 
 
-def _world() -> tuple[int, bool]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), True
-    return 1, False
-
-
-def _all_reduce(values: Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> Tensor:
-    world, active = _world()
-    if active and world > 1:
-        if dist.get_backend() == "nccl":  # NCCL reduces device tensors only
-            on_device = values.cuda()
-            dist.all_reduce(on_device, op=op)
-            values.copy_(on_device.cpu())
-        else:
-            dist.all_reduce(values, op=op)
-    return values
-
-
 def plan_micro_batches(lengths: Sequence[int], max_tokens: int, max_seqs: int) -> list[list[int]]:
     """Indices of ``lengths`` grouped into micro-batches under a padded-token budget.
 
@@ -383,13 +342,13 @@ def train_step(
             )
         if bad is not None:
             raise ValueError(f"untrainable group ({bad[0]}): {bad[1]}")
-    world, _ = _world()
+    world = world_size()
     aggregation = loss_aggregation(cfg.loss, cfg.loss_cfg)
     device = next(model.parameters()).device
     seqs, flat_groups = flatten_groups(groups, cfg)
     lengths = [len(s.tokens) - s.prompt_len for s in seqs]
     units_local = sum(1 for n in lengths if n > 0) if aggregation == "seq-mean" else sum(lengths)
-    units_total = _all_reduce(torch.tensor([float(units_local)], dtype=torch.float64))
+    units_total = all_reduce(torch.tensor([float(units_local)], dtype=torch.float64))
     units_total_f = max(float(units_total.item()), 1.0)
 
     sums = dict.fromkeys(_SUM_KEYS, 0.0)
@@ -465,9 +424,9 @@ def train_step(
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
 
-    totals_t = _all_reduce(torch.tensor([sums[k] for k in _SUM_KEYS], dtype=torch.float64))
+    totals_t = all_reduce(torch.tensor([sums[k] for k in _SUM_KEYS], dtype=torch.float64))
     totals = dict(zip(_SUM_KEYS, (float(x) for x in totals_t), strict=True))
-    ratio_max = float(_all_reduce(torch.tensor([ratio_max]), dist.ReduceOp.MAX).item())
+    ratio_max = float(all_reduce(torch.tensor([ratio_max]), dist.ReduceOp.MAX).item())
     return _summarise(totals, ratio_max, grad_norm, needs_behaviour)
 
 
@@ -479,7 +438,7 @@ def _empty_passes(model: torch.nn.Module, n_batches: int) -> int:
     rank with the most micro-batches.
     """
     if isinstance(model, FSDPModule):
-        most = _all_reduce(torch.tensor([n_batches], dtype=torch.long), dist.ReduceOp.MAX)
+        most = all_reduce(torch.tensor([n_batches], dtype=torch.long), dist.ReduceOp.MAX)
         return int(most.item()) - n_batches
     return 1 if n_batches == 0 else 0
 

@@ -39,7 +39,6 @@ from asympo.tasks import Task
 from asympo.training import (
     StepConfig,
     TrainGroup,
-    group_from_scored,
     train_step,
     untrainable_reason,
 )
@@ -67,6 +66,7 @@ from services.learner.distributed import (
     shard,
 )
 from services.learner.publisher import InlinePublisher, PublishFn, VersionPublisher
+from services.learner.records import group_from_scored
 from services.learner.sharding import full_state_dict, is_sharded
 
 log = logging.getLogger(__name__)

@@ -15,12 +15,12 @@ from asympo.training import (
     StepConfig,
     TrainGroup,
     flatten_groups,
-    group_from_scored,
     token_logprobs,
     train_step,
     untrainable_reason,
 )
 from asympo.v1 import records_pb2
+from services.learner.records import group_from_scored
 
 VOCAB = 64
 
