@@ -155,14 +155,14 @@ def _ratio_sums(ratio: Tensor, clipped: Tensor, weight: Tensor) -> tuple[Tensor,
     """Clipped count, ratio sum, count and max of the ratio over entries with ``weight`` 1."""
     with torch.no_grad():
         keep = weight.bool()
-        r = ratio.detach()
-        zero = torch.zeros_like(r)
+        # float64 sums: the same in any order, so micro-batches and ranks add up exactly.
+        r = torch.where(keep, ratio.detach(), torch.zeros_like(ratio)).to(torch.float64)
         return (
             (clipped & keep).sum().to(r.dtype),
-            torch.where(keep, r, zero).sum(),
+            r.sum(),
             keep.sum().to(r.dtype),
             # Ratios are positive, so 0 at the dropped entries never wins the max.
-            torch.where(keep, r, zero).max() if r.numel() else r.new_zeros(()),
+            r.max() if r.numel() else r.new_zeros(()),
         )
 
 
@@ -185,24 +185,24 @@ def _finish(
     with torch.no_grad():
         pos = (b.advantages > 0) & nonempty
         neg = (b.advantages < 0) & nonempty
-        per = per_response.detach()
+        # float64 sums: the same in any order, so micro-batches and ranks add up exactly.
+        per = per_response.detach().to(torch.float64)
+        nll = b.nll.to(torch.float64)
         zero = torch.zeros_like(per)
         # where(), not indexing: a boolean index would wait for the device.
-        loss_pos = torch.where(pos, per, zero).sum()
-        loss_neg = torch.where(neg, per, zero).sum()
         ratio_part = ratio[:3] if ratio is not None else (zero.sum(),) * 3
         sums = torch.stack(
             [
-                total.detach(),
-                loss_pos,
-                loss_neg,
-                torch.where(pos, b.nll, zero).sum(),
-                torch.where(neg, b.nll, zero).sum(),
+                per.sum(),
+                torch.where(pos, per, zero).sum(),
+                torch.where(neg, per, zero).sum(),
+                torch.where(pos, nll, zero).sum(),
+                torch.where(neg, nll, zero).sum(),
                 pos.sum().to(per.dtype),
                 neg.sum().to(per.dtype),
                 *ratio_part,
             ]
-        ).to(torch.float64)
+        )
         ratio_max = ratio[3] if ratio is not None else zero.sum()
     return LossTerms(total, units.detach(), sums, ratio_max)
 
