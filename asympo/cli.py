@@ -357,7 +357,6 @@ def experiment_staleness(
     """Losses x forced staleness x seeds on the tiny task: table, JSON and plots (issue 10)."""
     from asympo.experiments.staleness_cli import build_config, parse_ints, parse_names, parse_shard
     from asympo.experiments.staleness_cli import run_experiment as run_staleness
-    from asympo.losses import LossConfig
 
     settings = settings_from_cli(config, overrides)
     try:
@@ -378,16 +377,8 @@ def experiment_staleness(
             task_seed=settings.task.seed,
             prompt_format=settings.task.prompt_format,
             prompt_preset=settings.task.prompt_preset,
-            # The learner's loss settings (--set learner.nll_eps=0.1 ...) apply here too.
-            loss_cfg=LossConfig(
-                aggregation=settings.learner.aggregation,
-                spo_beta=settings.learner.spo_beta,
-                clip_eps=settings.learner.clip_eps,
-                clip_eps_high=settings.learner.clip_eps_high,
-                tis_cap=settings.learner.tis_cap,
-                nll_eps=settings.learner.nll_eps,
-                clip_ratio_c=settings.learner.clip_ratio_c,
-            ),
+            # learner.loss (--set learner.loss.nll_eps=0.1 ...) applies to its loss here too.
+            learner_loss=settings.learner.loss,
         )
         shard_of = parse_shard(shard)
     except ValueError as exc:

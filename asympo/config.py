@@ -27,6 +27,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from asympo.loss_settings import DEFAULT_LOSS, AnyLossSettings, AsympoLoss
+
 
 class ConfigError(ValueError):
     """A configuration the user gave is invalid; the message says where and why."""
@@ -145,21 +147,16 @@ class LearnerSettings(Section):
     host: str = "127.0.0.1"
     grpc_port: int = Field(50054, ge=1, le=65535)
     http_port: int = Field(8084, ge=1, le=65535)
-    loss: str = "asympo"
-    advantage: Literal["grpo", "drgrpo", "rloo"] = "grpo"
-    aggregation: Literal["seq-mean", "token-mean"] = "seq-mean"
-    spo_beta: float = Field(0.5, gt=0, le=1)
-    clip_eps: float = Field(0.2, gt=0)
-    clip_eps_high: float = Field(0.28, gt=0)
-    tis_cap: float = Field(2.0, gt=0)
-    clip_ratio_c: float = Field(
-        3.0, ge=0, description="dual-clip bound of grpo/dapo/gspo for A < 0 (> 1; 0 = off)"
+    loss: AnyLossSettings = Field(
+        default_factory=AsympoLoss,
+        description="the loss and its settings, chosen by loss.name (learner.loss=grpo "
+        "is short for learner.loss.name=grpo); per loss below",
     )
-    nll_eps: float = Field(1e-4, gt=0)
+    advantage: Literal["grpo", "drgrpo", "rloo"] = "grpo"
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="max gradient norm (0 = no clipping)")
     groups_per_step: int = Field(8, ge=1)
     micro_batch: int = Field(32, ge=1, description="most sequences per forward/backward")
     max_tokens_per_micro_batch: int = Field(
@@ -193,11 +190,15 @@ class LearnerSettings(Section):
         False, description="recompute each decoder layer in backward instead of storing it"
     )
 
-    @field_validator("clip_ratio_c")
+    @field_validator("loss", mode="before")
     @classmethod
-    def _dual_clip_off_or_above_one(cls, value: float) -> float:
-        if value != 0 and value <= 1:
-            raise ValueError("must be 0 (off) or > 1")
+    def _loss_by_name(cls, value: Any) -> Any:
+        # A name alone is that loss with its defaults; settings without a name are the
+        # default loss's, as the flat settings were before they moved under learner.loss.
+        if isinstance(value, str):
+            return {"name": value}
+        if isinstance(value, dict) and "name" not in value:
+            return {**value, "name": DEFAULT_LOSS}
         return value
 
     @model_validator(mode="after")
@@ -351,6 +352,8 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node = tree
     for part in parts[:-1]:
         child = node.setdefault(part, {})
+        if isinstance(child, str):  # a section given by name (learner.loss=grpo) gets keys
+            child = node[part] = {"name": child}
         if not isinstance(child, dict):
             raise ConfigError(f"--set {dotted}: '{part}' is not a section")
         node = child
@@ -371,8 +374,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+        below = out.get(key)
+        if isinstance(value, dict) and isinstance(below, str):  # a section given by name
+            below = {"name": below}
+        if isinstance(value, dict) and isinstance(below, dict):
+            out[key] = _deep_merge(below, value)
         else:
             out[key] = value
     return out

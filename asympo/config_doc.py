@@ -6,11 +6,12 @@ The reference is generated, not written, so it cannot drift from the defaults:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, SecretStr
 
 from asympo.config import Settings
+from asympo.loss_settings import AnyLossSettings, LossSettings
 
 HEADER = """# Configuration reference
 
@@ -36,6 +37,31 @@ def _default(value: Any) -> str:
     return f"`{value!r}`"
 
 
+def _loss_tables(dotted: str) -> list[str]:
+    """One table per loss: the settings ``dotted`` holds when its ``name`` picks that loss."""
+    env = "ASYMPO_" + dotted.upper().replace(".", "__")
+    lines = [
+        f"\n### `{dotted}`\n",
+        f"`{dotted}.name` picks the loss; each has its own settings (`--set {dotted}=grpo` "
+        f"is short for `--set {dotted}.name=grpo`; settings without a name are the "
+        "default loss's).",
+    ]
+    for cls in get_args(get_args(AnyLossSettings)[0]):
+        defaults = cls()
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        lines.append(f"\n`{dotted}.name={defaults.name}`: {doc}\n")
+        lines.append("| key | env | default | meaning |")
+        lines.append("|---|---|---|---|")
+        for key, field in cls.model_fields.items():
+            if key == "name":
+                continue
+            lines.append(
+                f"| `{dotted}.{key}` | `{env}__{key.upper()}` | "
+                f"{_default(getattr(defaults, key))} | {field.description or ''} |"
+            )
+    return lines
+
+
 def render() -> str:
     """The whole reference as Markdown."""
     lines = [HEADER]
@@ -51,12 +77,18 @@ def render() -> str:
             lines.append(f"{doc}\n")
             lines.append("| key | env | default | meaning |")
             lines.append("|---|---|---|---|")
+            chosen: list[tuple[str, LossSettings]] = []
             for key, sub in type(value).model_fields.items():
                 env = f"`ASYMPO_{name.upper()}__{key.upper()}`"
+                default = getattr(value, key)
+                if isinstance(default, LossSettings):  # one of several records, by name
+                    chosen.append((f"{name}.{key}", default))
+                    default = default.name
                 lines.append(
-                    f"| `{name}.{key}` | {env} | {_default(getattr(value, key))} "
-                    f"| {sub.description or ''} |"
+                    f"| `{name}.{key}` | {env} | {_default(default)} | {sub.description or ''} |"
                 )
+            for dotted, _ in chosen:
+                lines.extend(_loss_tables(dotted))
         else:
             top.append((name, value, field.description or ""))
     lines.append("\n## top level\n")

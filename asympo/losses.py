@@ -2,7 +2,7 @@
 
 Every loss has the signature::
 
-    loss_fn(logprobs, mask, advantages, behaviour_logprobs, cfg) -> (loss, stats)
+    loss_fn(logprobs, mask, advantages, behaviour_logprobs, settings) -> LossTerms
 
 * ``logprobs``  ``[B, T]`` float: current-policy log-prob of each response token
   (differentiable; values at masked-out positions are ignored, may be anything finite or not).
@@ -10,10 +10,13 @@ Every loss has the signature::
 * ``advantages`` ``[B]`` float: one advantage per response (constant for the gradient).
 * ``behaviour_logprobs`` ``[B, T]`` or ``None``: log-probs under the policy that sampled
   the response; only the behaviour-corrected baselines need them.
-* ``cfg`` a :class:`LossConfig`.
+* ``settings`` the loss's own settings (:class:`AsympoLoss`, :class:`GrpoLoss`, ...,
+  in ``asympo/loss_settings.py``).
 
-It returns the scalar loss to minimise and a dict of float statistics. The math,
-and why ASymPO's loss balance is zero, is written out in ``docs/losses.md``.
+It returns :class:`LossTerms`: the loss and its statistics as *sums* over the batch, so
+micro-batches and ranks add up exactly and the caller divides once, by the global count
+(:func:`compute_loss` does it for one batch). The math, and why ASymPO's loss balance is
+zero, is written out in ``docs/losses.md``.
 
 Each loss is defined by a token loss ``ell[i, t]``; the *per-response loss* is its
 mean over the response's tokens under sequence-mean aggregation (so under ``asympo``
@@ -25,17 +28,28 @@ all zero contribute nothing and are not counted, so padding never changes a loss
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, get_args
 
 import torch
+from pydantic import TypeAdapter, ValidationError
 from torch import Tensor
 
-Aggregation = Literal["seq-mean", "token-mean"]
-LossFn = Callable[
-    [Tensor, Tensor, Tensor, Tensor | None, "LossConfig"], tuple[Tensor, dict[str, float]]
-]
+from asympo.loss_settings import (
+    Aggregation,
+    AnyLossSettings,
+    AsympoLoss,
+    DapoLoss,
+    GrpoLoss,
+    GspoLoss,
+    LossSettings,
+    ReinforceLoss,
+    SpoLoss,
+    TisLoss,
+)
+
+LossFn = Callable[[Tensor, Tensor, Tensor, Tensor | None, Any], "LossTerms"]
 
 # exp() of a log-ratio beyond this overflows fp32 (e^88); ratios this far off are clipped
 # or truncated by every loss that uses them anyway.
@@ -46,42 +60,43 @@ class MissingBehaviourLogprobs(ValueError):
     """A behaviour-corrected loss was called without behaviour log-probs."""
 
 
-@dataclass(frozen=True)
-class LossConfig:
-    """Hyper-parameters shared by the losses (each loss reads only the ones it uses).
+_ANY_LOSS: TypeAdapter[LossSettings] = TypeAdapter(AnyLossSettings)
 
-    aggregation: "seq-mean" (mean over tokens, then over responses) or "token-mean"
-        (mean over all response tokens of the batch). ``dapo`` is always token-mean.
-    spo_beta: SPO's fixed scale of negative-advantage responses, 0 < beta <= 1.
-    clip_eps: lower (and for grpo/gspo upper) clip range of the ratio: [1-eps, 1+eps].
-    clip_eps_high: DAPO's upper clip range (clip-higher): [1-clip_eps, 1+clip_eps_high].
-    tis_cap: truncation of the token importance weight in ``tis``.
-    nll_eps: ASymPO's floor of the mean NLL it divides by.
-    clip_ratio_c: dual-clip bound of grpo/dapo/gspo (Ye et al. 2020, as in verl): the loss
-        of an ``A < 0`` token (gspo: response) is at most ``-A * clip_ratio_c``, so a stale
-        negative with a huge ratio cannot dominate the step; 0 turns it off, else > 1.
+# The statistics every loss sums over its batch, in this order (LossTerms.sums):
+# per-response losses of the whole batch and of each advantage sign, the mean NLLs m_i
+# and counts of each sign's (non-empty) responses, and, for the ratio losses, the
+# clipped entries, the ratios and the entries a ratio is averaged over (tokens, or
+# responses for gspo); 0 for losses without a ratio.
+SUM_KEYS = (
+    "loss",
+    "loss_positive",
+    "loss_negative",
+    "nll_positive",
+    "nll_negative",
+    "responses_positive",
+    "responses_negative",
+    "clipped",
+    "ratio",
+    "ratio_units",
+)
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    """One batch's loss as sums, so batches and ranks add up before anything is divided.
+
+    total: differentiable scalar, the sum of per-response losses (seq-mean) or of token
+        losses (token-mean); the batch loss is ``total / units``.
+    units: the count ``total`` is averaged over (non-empty responses, or response tokens).
+    sums: ``[len(SUM_KEYS)]`` float64, detached, the statistics in :data:`SUM_KEYS` order.
+    ratio_max: the largest ratio (0 for losses without one), detached.
+    All are tensors on the inputs' device: nothing here waits for the device.
     """
 
-    aggregation: Aggregation = "seq-mean"
-    spo_beta: float = 0.5
-    clip_eps: float = 0.2
-    clip_eps_high: float = 0.28
-    tis_cap: float = 2.0
-    nll_eps: float = 1e-4
-    clip_ratio_c: float = 3.0
-
-    def __post_init__(self) -> None:
-        if self.aggregation not in ("seq-mean", "token-mean"):
-            raise ValueError(
-                f"aggregation must be 'seq-mean' or 'token-mean', got {self.aggregation!r}"
-            )
-        if not 0 < self.spo_beta <= 1:
-            raise ValueError(f"spo_beta must be in (0, 1], got {self.spo_beta}")
-        for name in ("clip_eps", "clip_eps_high", "tis_cap", "nll_eps"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.clip_ratio_c != 0 and self.clip_ratio_c <= 1:
-            raise ValueError(f"clip_ratio_c must be 0 (off) or > 1, got {self.clip_ratio_c}")
+    total: Tensor
+    units: Tensor
+    sums: Tensor
+    ratio_max: Tensor
 
 
 @dataclass(frozen=True)
@@ -136,61 +151,90 @@ def _log_ratio(lp: Tensor, blp: Tensor) -> Tensor:
     return (lp - blp).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
 
 
-def _aggregate(token_loss: Tensor, b: _Batch, aggregation: Aggregation) -> tuple[Tensor, Tensor]:
-    """Batch loss and per-response losses ``[B]`` from token losses ``[B, T]``."""
-    summed = (token_loss * b.mask).sum(dim=1)
-    nonempty = (b.lengths > 0).to(token_loss.dtype)
-    if aggregation == "seq-mean":
-        per_response = summed / b.lengths.clamp(min=1.0)
-        loss = per_response.sum() / nonempty.sum().clamp(min=1.0)
-    else:
-        per_response = summed
-        loss = summed.sum() / b.lengths.sum().clamp(min=1.0)
-    return loss, per_response
-
-
-def _balance_stats(per_response: Tensor, b: _Batch) -> dict[str, float]:
-    """Positive/negative-side loss sums and mean NLLs (responses with tokens only)."""
-    with torch.no_grad():
-        nonempty = b.lengths > 0
-        pos = (b.advantages > 0) & nonempty
-        neg = (b.advantages < 0) & nonempty
-        per = per_response.detach()
-        loss_pos = per[pos].sum().item()
-        loss_neg = per[neg].sum().item()
-        return {
-            "loss_positive": loss_pos,
-            "loss_negative": loss_neg,
-            "loss_balance": loss_pos + loss_neg,
-            "nll_positive": b.nll[pos].mean().item() if pos.any() else 0.0,
-            "nll_negative": b.nll[neg].mean().item() if neg.any() else 0.0,
-            "responses_positive": float(pos.sum().item()),
-            "responses_negative": float(neg.sum().item()),
-        }
-
-
-def _ratio_stats(ratio: Tensor, clipped: Tensor, weight: Tensor) -> dict[str, float]:
-    """Ratio mean/max and clip fraction over entries with ``weight`` 1."""
+def _ratio_sums(ratio: Tensor, clipped: Tensor, weight: Tensor) -> tuple[Tensor, ...]:
+    """Clipped count, ratio sum, count and max of the ratio over entries with ``weight`` 1."""
     with torch.no_grad():
         keep = weight.bool()
-        if not keep.any():
-            return {"clip_fraction": 0.0, "ratio_mean": 1.0, "ratio_max": 1.0}
-        r = ratio.detach()[keep]
-        return {
-            "clip_fraction": clipped[keep].float().mean().item(),
-            "ratio_mean": r.mean().item(),
-            "ratio_max": r.max().item(),
-        }
+        # float64 sums: the same in any order, so micro-batches and ranks add up exactly.
+        r = torch.where(keep, ratio.detach(), torch.zeros_like(ratio)).to(torch.float64)
+        return (
+            (clipped & keep).sum().to(r.dtype),
+            r.sum(),
+            keep.sum().to(r.dtype),
+            # Ratios are positive, so 0 at the dropped entries never wins the max.
+            r.max() if r.numel() else r.new_zeros(()),
+        )
 
 
 def _finish(
-    token_loss: Tensor, b: _Batch, aggregation: Aggregation, extra: dict[str, float] | None = None
-) -> tuple[Tensor, dict[str, float]]:
-    loss, per_response = _aggregate(token_loss, b, aggregation)
-    stats = {"loss": loss.detach().item(), **_balance_stats(per_response, b)}
-    if extra:
-        stats.update(extra)
-    return loss, stats
+    token_loss: Tensor,
+    b: _Batch,
+    aggregation: Aggregation,
+    ratio: tuple[Tensor, ...] | None = None,
+) -> LossTerms:
+    """The :class:`LossTerms` of token losses ``[B, T]`` (and the ratio sums, if any)."""
+    summed = (token_loss * b.mask).sum(dim=1)
+    nonempty = b.lengths > 0
+    if aggregation == "seq-mean":
+        per_response = summed / b.lengths.clamp(min=1.0)
+        units = nonempty.sum().to(summed.dtype)
+    else:
+        per_response = summed
+        units = b.lengths.sum()
+    total = per_response.sum()
+    with torch.no_grad():
+        pos = (b.advantages > 0) & nonempty
+        neg = (b.advantages < 0) & nonempty
+        # float64 sums: the same in any order, so micro-batches and ranks add up exactly.
+        per = per_response.detach().to(torch.float64)
+        nll = b.nll.to(torch.float64)
+        zero = torch.zeros_like(per)
+        # where(), not indexing: a boolean index would wait for the device.
+        ratio_part = ratio[:3] if ratio is not None else (zero.sum(),) * 3
+        sums = torch.stack(
+            [
+                per.sum(),
+                torch.where(pos, per, zero).sum(),
+                torch.where(neg, per, zero).sum(),
+                torch.where(pos, nll, zero).sum(),
+                torch.where(neg, nll, zero).sum(),
+                pos.sum().to(per.dtype),
+                neg.sum().to(per.dtype),
+                *ratio_part,
+            ]
+        )
+        ratio_max = ratio[3] if ratio is not None else zero.sum()
+    return LossTerms(total, units.detach(), sums, ratio_max)
+
+
+def _div(a: float, b: float, empty: float = 0.0) -> float:
+    return a / b if b > 0 else empty
+
+
+def loss_metrics(
+    sums: Mapping[str, float], units: float, ratio_max: float, with_ratio: bool
+) -> dict[str, float]:
+    """The reported loss statistics of :data:`SUM_KEYS` sums over ``units`` (see LossTerms).
+
+    loss (``sums["loss"] / units``), loss_positive / loss_negative (sums of the
+    per-response losses of each advantage sign) and loss_balance (their sum),
+    nll_positive / nll_negative (mean NLL of each sign's responses), and ``with_ratio``
+    clip_fraction, ratio_mean, ratio_max (1.0 when nothing has a ratio).
+    """
+    out = {
+        "loss": _div(sums["loss"], units),
+        "loss_positive": sums["loss_positive"],
+        "loss_negative": sums["loss_negative"],
+        "loss_balance": sums["loss_positive"] + sums["loss_negative"],
+        "nll_positive": _div(sums["nll_positive"], sums["responses_positive"]),
+        "nll_negative": _div(sums["nll_negative"], sums["responses_negative"]),
+    }
+    if with_ratio:
+        n = sums["ratio_units"]
+        out["clip_fraction"] = _div(sums["clipped"], n)
+        out["ratio_mean"] = _div(sums["ratio"], n, empty=1.0)
+        out["ratio_max"] = ratio_max if n > 0 else 1.0
+    return out
 
 
 def asympo_loss(
@@ -198,8 +242,8 @@ def asympo_loss(
     mask: Tensor,
     advantages: Tensor,
     behaviour_logprobs: Tensor | None,
-    cfg: LossConfig,
-) -> tuple[Tensor, dict[str, float]]:
+    cfg: AsympoLoss,
+) -> LossTerms:
     """ASymPO: ``ell[i,t] = A_i * nll[i,t] / sg(max(m_i, nll_eps))``; needs no behaviour info.
 
     Per-response loss (seq-mean) is ``A_i`` (for ``m_i >= nll_eps``), so a group's losses
@@ -216,8 +260,8 @@ def spo_loss(
     mask: Tensor,
     advantages: Tensor,
     behaviour_logprobs: Tensor | None,
-    cfg: LossConfig,
-) -> tuple[Tensor, dict[str, float]]:
+    cfg: SpoLoss,
+) -> LossTerms:
     """SPO: ``ell[i,t] = w_i * A_i * nll[i,t]`` with ``w_i = spo_beta`` if ``A_i < 0`` else 1."""
     b = _prepare(logprobs, mask, advantages)
     weight = torch.where(
@@ -232,8 +276,8 @@ def reinforce_loss(
     mask: Tensor,
     advantages: Tensor,
     behaviour_logprobs: Tensor | None,
-    cfg: LossConfig,
-) -> tuple[Tensor, dict[str, float]]:
+    cfg: ReinforceLoss,
+) -> LossTerms:
     """REINFORCE / GPG on the current policy, no correction: ``ell[i,t] = A_i * nll[i,t]``."""
     b = _prepare(logprobs, mask, advantages)
     token_loss = b.advantages[:, None] * (-b.logprobs)
@@ -262,12 +306,12 @@ def _ppo_clip(
 
 def _clipped_surrogate(
     b: _Batch, blp: Tensor, low: float, high: float, clip_ratio_c: float
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, tuple[Tensor, ...]]:
     """Token-level dual-clipped PPO loss and its ratio statistics."""
     ratio = torch.exp(_log_ratio(b.logprobs, blp))
     adv = b.advantages[:, None].expand_as(ratio)
     token_loss, active = _ppo_clip(ratio, adv, low, high, clip_ratio_c)
-    return token_loss, _ratio_stats(ratio, active, b.mask)
+    return token_loss, _ratio_sums(ratio, active, b.mask)
 
 
 def grpo_loss(
@@ -275,8 +319,8 @@ def grpo_loss(
     mask: Tensor,
     advantages: Tensor,
     behaviour_logprobs: Tensor | None,
-    cfg: LossConfig,
-) -> tuple[Tensor, dict[str, float]]:
+    cfg: GrpoLoss,
+) -> LossTerms:
     """GRPO/PPO: ``ell = -min(r*A, clip(r, 1-eps, 1+eps)*A)``, ``r = exp(lp - lp_behaviour)``.
 
     With dual-clip (``clip_ratio_c = c > 0``) an ``A < 0`` token's loss is ``min(ell, -c*A)``.
@@ -294,15 +338,15 @@ def dapo_loss(
     mask: Tensor,
     advantages: Tensor,
     behaviour_logprobs: Tensor | None,
-    cfg: LossConfig,
-) -> tuple[Tensor, dict[str, float]]:
+    cfg: DapoLoss,
+) -> LossTerms:
     """DAPO: clip-higher ``clip(r, 1-clip_eps, 1+clip_eps_high)``, dual-clip, always token-mean."""
     b = _prepare(logprobs, mask, advantages)
     blp = _behaviour("dapo", behaviour_logprobs, b)
     token_loss, extra = _clipped_surrogate(
         b, blp, 1 - cfg.clip_eps, 1 + cfg.clip_eps_high, cfg.clip_ratio_c
     )
-    return _finish(token_loss, b, "token-mean", extra)
+    return _finish(token_loss, b, cfg.aggregation, extra)
 
 
 def gspo_loss(
@@ -310,8 +354,8 @@ def gspo_loss(
     mask: Tensor,
     advantages: Tensor,
     behaviour_logprobs: Tensor | None,
-    cfg: LossConfig,
-) -> tuple[Tensor, dict[str, float]]:
+    cfg: GspoLoss,
+) -> LossTerms:
     """GSPO: sequence ratio ``s_i = exp(mean_t(lp - lp_behaviour))``, clipped per response.
 
     ``L_i = -min(s_i*A_i, clip(s_i, 1-eps, 1+eps)*A_i)`` is given to each of the response's
@@ -327,7 +371,7 @@ def gspo_loss(
         ratio, b.advantages, 1 - cfg.clip_eps, 1 + cfg.clip_eps, cfg.clip_ratio_c
     )
     token_loss = seq_loss[:, None].expand_as(b.logprobs)
-    extra = _ratio_stats(ratio, active, b.lengths > 0)
+    extra = _ratio_sums(ratio, active, b.lengths > 0)
     return _finish(token_loss, b, cfg.aggregation, extra)
 
 
@@ -336,15 +380,15 @@ def tis_loss(
     mask: Tensor,
     advantages: Tensor,
     behaviour_logprobs: Tensor | None,
-    cfg: LossConfig,
-) -> tuple[Tensor, dict[str, float]]:
+    cfg: TisLoss,
+) -> LossTerms:
     """Truncated IS: ``ell = sg(min(r, tis_cap)) * A * nll``, ``r = exp(lp - lp_behaviour)``."""
     b = _prepare(logprobs, mask, advantages)
     blp = _behaviour("tis", behaviour_logprobs, b)
     ratio = torch.exp(_log_ratio(b.logprobs, blp)).detach()
     weight = ratio.clamp(max=cfg.tis_cap)
     token_loss = weight * b.advantages[:, None] * (-b.logprobs)
-    extra = _ratio_stats(ratio, ratio > cfg.tis_cap, b.mask)
+    extra = _ratio_sums(ratio, ratio > cfg.tis_cap, b.mask)
     return _finish(token_loss, b, cfg.aggregation, extra)
 
 
@@ -362,37 +406,41 @@ def logit_grad_norms(token_weight: Tensor, logprobs: Tensor, sum_p2: Tensor) -> 
     return token_weight.detach().abs() * (sum_p2 - 2 * p_y + 1).clamp(min=0).sqrt()
 
 
-RatioUnit = Literal["token", "response"]
-
-
 @dataclass(frozen=True)
 class LossSpec:
     """Everything the rest of the system knows about one loss, in one place.
 
     fn: the pure loss function (signature in the module docstring).
-    needs_behaviour: it reads the sampling policy's per-token log-probs.
-    aggregation: the aggregation it always uses (``dapo``: token-mean), or None when it
-        follows ``LossConfig.aggregation``.
-    ratio_unit: what its ``ratio_mean``/``clip_fraction`` are averaged over (a token's
-        ratio, or one sequence ratio per response); None when it has no ratio.
+    settings: its settings class (its ``name`` is the loss's name, its fields the
+        hyper-parameters and their defaults; ``learner.loss`` holds one).
+    needs_behaviour: it reads the sampling policy's per-token log-probs (and so reports
+        ratio statistics: clip_fraction, ratio_mean, ratio_max).
     """
 
     fn: LossFn
+    settings: type[LossSettings]
     needs_behaviour: bool = False
-    aggregation: Aggregation | None = None
-    ratio_unit: RatioUnit | None = None
+
+    @property
+    def name(self) -> str:
+        """The loss's name, as its settings class declares it."""
+        return str(self.settings.model_fields["name"].default)
 
 
 LOSSES: dict[str, LossSpec] = {
-    "asympo": LossSpec(asympo_loss),
-    "spo": LossSpec(spo_loss),
-    "reinforce": LossSpec(reinforce_loss),
-    "grpo": LossSpec(grpo_loss, needs_behaviour=True, ratio_unit="token"),
-    "dapo": LossSpec(dapo_loss, needs_behaviour=True, aggregation="token-mean", ratio_unit="token"),
-    "gspo": LossSpec(gspo_loss, needs_behaviour=True, ratio_unit="response"),
-    "tis": LossSpec(tis_loss, needs_behaviour=True, ratio_unit="token"),
+    spec.name: spec
+    for spec in (
+        LossSpec(asympo_loss, AsympoLoss),
+        LossSpec(spo_loss, SpoLoss),
+        LossSpec(reinforce_loss, ReinforceLoss),
+        LossSpec(grpo_loss, GrpoLoss, needs_behaviour=True),
+        LossSpec(dapo_loss, DapoLoss, needs_behaviour=True),
+        LossSpec(gspo_loss, GspoLoss, needs_behaviour=True),
+        LossSpec(tis_loss, TisLoss, needs_behaviour=True),
+    )
 }
-DEFAULT_LOSS = "asympo"
+# The discriminated union and the registry name the same classes (checked at import).
+assert {s.settings for s in LOSSES.values()} == set(get_args(get_args(AnyLossSettings)[0]))
 
 
 def loss_spec(name: str) -> LossSpec:
@@ -407,13 +455,32 @@ def needs_behaviour_logprobs(name: str) -> bool:
     return loss_spec(name).needs_behaviour
 
 
-def loss_aggregation(name: str, cfg: LossConfig) -> Aggregation:
-    """The aggregation loss ``name`` really uses under ``cfg`` (``dapo`` is always token-mean).
+def loss_settings(name: str, **params: Any) -> LossSettings:
+    """The settings of loss ``name`` with ``params`` over its defaults.
 
-    Gradient accumulation needs it: a micro-batch's loss is re-weighted by its share of
-    responses (seq-mean) or of tokens (token-mean) so the sum equals the full-batch loss.
+    ValueError names the known losses for an unknown ``name``, and says which parameter
+    is unknown to this loss or out of range.
     """
-    return loss_spec(name).aggregation or cfg.aggregation
+    loss_spec(name)
+    try:
+        return _ANY_LOSS.validate_python({**params, "name": name})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in err['loc'][1:]) or 'name'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ValueError(f"loss {name!r}: {problems}") from None
+
+
+def loss_terms(
+    settings: LossSettings,
+    logprobs: Tensor,
+    mask: Tensor,
+    advantages: Tensor,
+    behaviour_logprobs: Tensor | None = None,
+) -> LossTerms:
+    """The :class:`LossTerms` of the loss ``settings`` names, on one batch."""
+    return loss_spec(settings.name).fn(logprobs, mask, advantages, behaviour_logprobs, settings)
 
 
 def compute_loss(
@@ -422,7 +489,21 @@ def compute_loss(
     mask: Tensor,
     advantages: Tensor,
     behaviour_logprobs: Tensor | None = None,
-    cfg: LossConfig | None = None,
+    cfg: LossSettings | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Apply registered loss ``name`` (shapes as in the module docstring); see LOSSES."""
-    return loss_spec(name).fn(logprobs, mask, advantages, behaviour_logprobs, cfg or LossConfig())
+    """Loss ``name`` on one batch: the scalar to minimise and its statistics as floats.
+
+    ``cfg`` defaults to the loss's default settings (it must be that loss's settings).
+    Statistics: those of :func:`loss_metrics`, plus responses_positive /
+    responses_negative. Shapes as in the module docstring.
+    """
+    settings = cfg if cfg is not None else loss_settings(name)
+    if settings.name != name:
+        raise ValueError(f"settings of loss {settings.name!r} given to loss {name!r}")
+    terms = loss_terms(settings, logprobs, mask, advantages, behaviour_logprobs)
+    sums = dict(zip(SUM_KEYS, terms.sums.tolist(), strict=True))
+    units = float(terms.units)
+    stats = loss_metrics(sums, units, float(terms.ratio_max), loss_spec(name).needs_behaviour)
+    stats["responses_positive"] = sums["responses_positive"]
+    stats["responses_negative"] = sums["responses_negative"]
+    return terms.total / max(units, 1.0), stats

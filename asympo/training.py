@@ -9,9 +9,10 @@ a row without tokens has no loss, so keeping its reward in the others' advantage
 leave the group summing to ``-A_empty`` instead of zero.
 
 Sequences are ``prompt + completion`` right-padded to the micro-batch's longest; the loss
-mask covers completion tokens only. Micro-batch losses are weighted by their share of the
-batch's responses (seq-mean) or tokens (token-mean) — counted over all ranks — so the
-accumulated gradient equals the gradient of the full-batch loss.
+mask covers completion tokens only. Each micro-batch's loss sum is divided by the count
+the loss averages over — the batch's responses (seq-mean) or tokens (token-mean), counted
+over all ranks — so the accumulated gradient equals the gradient of the full-batch loss.
+Statistics stay on the device as sums until the step's end: one reduction, one read.
 """
 
 from __future__ import annotations
@@ -25,18 +26,21 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from asympo.advantages import compute_advantages
+from asympo.collectives import all_reduce, world_size
 from asympo.losses import (
-    LossConfig,
+    SUM_KEYS,
+    AsympoLoss,
+    LossSettings,
     MissingBehaviourLogprobs,
-    compute_loss,
     logit_grad_norms,
-    loss_aggregation,
+    loss_metrics,
     loss_spec,
+    loss_terms,
 )
-from asympo.v1 import records_pb2
 
 
 @dataclass(frozen=True)
@@ -79,29 +83,6 @@ class TrainGroup:
         return min(self.versions)
 
 
-def group_from_scored(scored: records_pb2.ScoredGroup) -> TrainGroup:
-    """The :class:`TrainGroup` of a ``ScoredGroup`` record (behaviour log-probs if complete)."""
-    rollout = scored.rollout
-    if len(scored.scores) != len(rollout.samples):
-        raise ValueError(
-            f"group {rollout.group_id!r}: {len(scored.scores)} scores for "
-            f"{len(rollout.samples)} samples"
-        )
-    samples = list(rollout.samples)
-    behaviour: list[list[float]] | None = [list(s.behaviour_logprobs) for s in samples]
-    if any(len(s.behaviour_logprobs) != len(s.completion_tokens) for s in samples):
-        behaviour = None
-    prompt = list(rollout.prompt_tokens) or list(rollout.prompt.prompt_tokens)
-    return TrainGroup(
-        group_id=rollout.group_id,
-        prompt_tokens=prompt,
-        completions=[list(s.completion_tokens) for s in samples],
-        rewards=[float(s.reward) for s in scored.scores],
-        versions=[int(s.version.start) for s in samples],
-        behaviour_logprobs=behaviour,
-    )
-
-
 @dataclass(frozen=True)
 class StepConfig:
     """How a step trains: loss, advantage estimator, micro-batch budget, clipping.
@@ -110,14 +91,19 @@ class StepConfig:
     ``max_tokens_per_micro_batch`` padded tokens (sequences x longest); 0 = no token cap.
     """
 
-    loss: str = "asympo"
-    loss_cfg: LossConfig = field(default_factory=LossConfig)
+    loss: LossSettings = field(default_factory=AsympoLoss)  # the loss and its settings
     advantage: str = "grpo"
     advantage_eps: float = 1e-6
     micro_batch: int = 32
     max_tokens_per_micro_batch: int = 0
-    grad_clip: float = 1.0  # max grad norm; <= 0 disables clipping
+    grad_clip: float = 1.0  # max gradient norm; 0 = no clipping
     temperature: float = 1.0  # logits are divided by it, as the sampler did
+
+    def __post_init__(self) -> None:
+        if self.micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1, got {self.micro_batch}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0 = no clipping), got {self.grad_clip}")
 
 
 # Why a group cannot be trained (the ``reason`` label of asympo_dead_letters_total).
@@ -138,9 +124,9 @@ def untrainable_reason(
     (and, after a restart, failing the same step again forever).
     """
     gid = group.group_id
-    if loss_spec(cfg.loss).needs_behaviour:
+    if loss_spec(cfg.loss.name).needs_behaviour:
         if group.behaviour_logprobs is None:
-            return REASON_NO_BEHAVIOUR, f"group {gid!r}: loss {cfg.loss!r} needs them"
+            return REASON_NO_BEHAVIOUR, f"group {gid!r}: loss {cfg.loss.name!r} needs them"
         if not all(math.isfinite(x) for row in group.behaviour_logprobs for x in row):
             return REASON_BAD_BEHAVIOUR, f"group {gid!r}"
     if not all(math.isfinite(r) for r in group.rewards):
@@ -271,24 +257,6 @@ def token_logprobs(
     return _logprobs_and_entropy(model, input_ids, attention_mask, temperature)[0]
 
 
-def _world() -> tuple[int, bool]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), True
-    return 1, False
-
-
-def _all_reduce(values: Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> Tensor:
-    world, active = _world()
-    if active and world > 1:
-        if dist.get_backend() == "nccl":  # NCCL reduces device tensors only
-            on_device = values.cuda()
-            dist.all_reduce(on_device, op=op)
-            values.copy_(on_device.cpu())
-        else:
-            dist.all_reduce(values, op=op)
-    return values
-
-
 def plan_micro_batches(lengths: Sequence[int], max_tokens: int, max_seqs: int) -> list[list[int]]:
     """Indices of ``lengths`` grouped into micro-batches under a padded-token budget.
 
@@ -326,27 +294,11 @@ def _micro_batches(seqs: list[_Sequence], cfg: StepConfig) -> Iterator[list[_Seq
         yield [seqs[i] for i in indices]
 
 
-# Sums accumulated over micro-batches and ranks, in this order.
-_SUM_KEYS = (
-    "loss",
-    "loss_positive",
-    "loss_negative",
-    "nll_positive_sum",
-    "responses_positive",
-    "nll_negative_sum",
-    "responses_negative",
-    "entropy_sum",
-    "tokens",
-    "responses",
-    "clip_sum",
-    "ratio_sum",
-    "ratio_units",
-    "update_norm_positive",
-    "update_norm_negative",
-    "flat_groups",
-    "groups",
-    "reward_sum",
-)
+# What the step adds up besides the loss's SUM_KEYS, in this order: on the device, per
+# micro-batch ...
+_DEVICE_KEYS = ("entropy", "update_norm_positive", "update_norm_negative")
+# ... and known on the host before the step.
+_HOST_KEYS = ("tokens", "samples", "zero_adv_groups", "groups", "reward_sum")
 
 
 def train_step(
@@ -367,38 +319,46 @@ def train_step(
     at the logits, see :func:`asympo.losses.logit_grad_norms`), zero_adv_groups, groups,
     samples, tokens, reward_mean, and clip_fraction / ratio_mean / ratio_max for
     behaviour-corrected losses.
+
+    Every micro-batch's loss is its sum divided by the *global* count the loss averages
+    over (responses or tokens, all ranks), so the accumulated gradient is the full-batch
+    one; statistics stay on the device as sums and are reduced, and read, once per step.
     Raises MissingBehaviourLogprobs if the loss needs behaviour log-probs that are absent,
     ValueError for any other group :func:`untrainable_reason` rejects.
     """
-    if cfg.micro_batch < 1:
-        raise ValueError(f"micro_batch must be >= 1, got {cfg.micro_batch}")
-    spec = loss_spec(cfg.loss)
-    needs_behaviour = spec.needs_behaviour
+    needs_behaviour = loss_spec(cfg.loss.name).needs_behaviour
     for g in groups:
         bad = untrainable_reason(g, cfg)
         if bad is not None and bad[0] == REASON_NO_BEHAVIOUR:
             raise MissingBehaviourLogprobs(
-                f"loss {cfg.loss!r} needs behaviour log-probs but some groups have none "
+                f"loss {cfg.loss.name!r} needs behaviour log-probs but some groups have none "
                 "(set want_behaviour_logprobs on admitted prompts)"
             )
         if bad is not None:
             raise ValueError(f"untrainable group ({bad[0]}): {bad[1]}")
-    world, _ = _world()
-    aggregation = loss_aggregation(cfg.loss, cfg.loss_cfg)
+    world = world_size()
     device = next(model.parameters()).device
     seqs, flat_groups = flatten_groups(groups, cfg)
     lengths = [len(s.tokens) - s.prompt_len for s in seqs]
-    units_local = sum(1 for n in lengths if n > 0) if aggregation == "seq-mean" else sum(lengths)
-    units_total = _all_reduce(torch.tensor([float(units_local)], dtype=torch.float64))
-    units_total_f = max(float(units_total.item()), 1.0)
-
-    sums = dict.fromkeys(_SUM_KEYS, 0.0)
-    sums["flat_groups"] = float(flat_groups)
-    sums["groups"] = float(len(groups))
-    sums["reward_sum"] = float(
-        sum(r for g in groups for r, c in zip(g.rewards, g.completions, strict=True) if c)
+    units_local = (
+        sum(1 for n in lengths if n > 0) if cfg.loss.aggregation == "seq-mean" else sum(lengths)
     )
-    ratio_max = 0.0
+    units = all_reduce(torch.tensor(float(units_local), dtype=torch.float64, device=device))
+    # DDP averages gradients over ranks; the factor world undoes that.
+    scale = (world / units.clamp(min=1.0)).float()
+    host = torch.tensor(
+        [
+            float(sum(lengths)),
+            float(len(seqs)),
+            float(flat_groups),
+            float(len(groups)),
+            sum(r for g in groups for r, c in zip(g.rewards, g.completions, strict=True) if c),
+        ],
+        dtype=torch.float64,
+    )
+    sums = torch.zeros(len(SUM_KEYS) + len(_DEVICE_KEYS), dtype=torch.float64, device=device)
+    ratio_max = torch.zeros((), dtype=torch.float64, device=device)
+
     model.train()
     optimizer.zero_grad(set_to_none=True)
     batches = list(_micro_batches(seqs, cfg))
@@ -419,56 +379,51 @@ def train_step(
             # The loss sees a detached copy, so its backward yields w = dL/dlog p per token
             # (the token weight of every loss, ratio-weighted ones included) before the model.
             lp = logprobs.detach().requires_grad_(True)
-            loss, stats = compute_loss(
+            terms = loss_terms(
                 cfg.loss,
                 lp,
                 mb.completion_mask,
                 mb.advantages,
                 mb.behaviour_logprobs if needs_behaviour else None,
-                cfg.loss_cfg,
             )
-            n_tokens = float(mb.completion_mask.sum().item())
-            n_resp = float((mb.completion_mask.sum(dim=1) > 0).sum().item())
-            units = n_resp if aggregation == "seq-mean" else n_tokens
-            # DDP averages gradients over ranks; multiplying by world undoes that.
-            weight = units / units_total_f * world
-            (loss * weight).backward()
+            (terms.total * scale).backward()
             assert lp.grad is not None and entropy is not None and sum_p2 is not None
             logprobs.backward(lp.grad)
         # The full-batch token weight is lp.grad / world (the DDP factor is not part of L).
         norms = logit_grad_norms(lp.grad / world, lp.detach(), sum_p2) * mb.completion_mask
         per_row = norms.sum(dim=1)
-        sums["update_norm_positive"] += float(per_row[mb.advantages > 0].sum().item())
-        sums["update_norm_negative"] += float(per_row[mb.advantages < 0].sum().item())
-        sums["loss"] += stats["loss"] * units / units_total_f
-        sums["loss_positive"] += stats["loss_positive"]
-        sums["loss_negative"] += stats["loss_negative"]
-        sums["nll_positive_sum"] += stats["nll_positive"] * stats["responses_positive"]
-        sums["responses_positive"] += stats["responses_positive"]
-        sums["nll_negative_sum"] += stats["nll_negative"] * stats["responses_negative"]
-        sums["responses_negative"] += stats["responses_negative"]
-        sums["entropy_sum"] += float((entropy * mb.completion_mask).sum().item())
-        sums["tokens"] += n_tokens
-        sums["responses"] += float(len(part))
-        if "clip_fraction" in stats:
-            ratio_units = n_resp if spec.ratio_unit == "response" else n_tokens
-            sums["clip_sum"] += stats["clip_fraction"] * ratio_units
-            sums["ratio_sum"] += stats["ratio_mean"] * ratio_units
-            sums["ratio_units"] += ratio_units
-            ratio_max = max(ratio_max, stats["ratio_max"])
+        zero = torch.zeros_like(per_row)
+        sums += torch.cat(
+            [
+                terms.sums,
+                torch.stack(
+                    [
+                        (entropy * mb.completion_mask).sum(),
+                        torch.where(mb.advantages > 0, per_row, zero).sum(),
+                        torch.where(mb.advantages < 0, per_row, zero).sum(),
+                    ]
+                ).to(torch.float64),
+            ]
+        )
+        ratio_max = torch.maximum(ratio_max, terms.ratio_max.to(torch.float64))
 
     params = [p for p in model.parameters() if p.grad is not None]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm).item())
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if isinstance(grad_norm, DTensor):  # FSDP: the norm is already reduced over shards
+        grad_norm = grad_norm.full_tensor()
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
 
-    totals_t = _all_reduce(torch.tensor([sums[k] for k in _SUM_KEYS], dtype=torch.float64))
-    totals = dict(zip(_SUM_KEYS, (float(x) for x in totals_t), strict=True))
-    ratio_max = float(_all_reduce(torch.tensor([ratio_max]), dist.ReduceOp.MAX).item())
-    return _summarise(totals, ratio_max, grad_norm, needs_behaviour)
+    totals = all_reduce(torch.cat([sums, host.to(device)]))
+    ratio_max = all_reduce(ratio_max.reshape(1), dist.ReduceOp.MAX)
+    # The step's one read of the device.
+    values = torch.cat([totals, ratio_max, grad_norm.reshape(1).to(totals), units.reshape(1)])
+    keys = (*SUM_KEYS, *_DEVICE_KEYS, *_HOST_KEYS, "ratio_max", "grad_norm", "units")
+    t = dict(zip(keys, values.tolist(), strict=True))
+    return _step_metrics(t, needs_behaviour)
 
 
 def _empty_passes(model: torch.nn.Module, n_batches: int) -> int:
@@ -479,7 +434,7 @@ def _empty_passes(model: torch.nn.Module, n_batches: int) -> int:
     rank with the most micro-batches.
     """
     if isinstance(model, FSDPModule):
-        most = _all_reduce(torch.tensor([n_batches], dtype=torch.long), dist.ReduceOp.MAX)
+        most = all_reduce(torch.tensor([n_batches], dtype=torch.long), dist.ReduceOp.MAX)
         return int(most.item()) - n_batches
     return 1 if n_batches == 0 else 0
 
@@ -490,38 +445,20 @@ def _backward_nothing(model: torch.nn.Module, pad_id: int, device: torch.device)
     (logits.sum() * 0.0).backward()
 
 
-def _div(a: float, b: float) -> float:
-    return a / b if b > 0 else 0.0
-
-
-def _summarise(
-    t: dict[str, float], ratio_max: float, grad_norm: float, with_ratio: bool
-) -> dict[str, float]:
-    out = {
-        "loss": t["loss"],
-        "loss_positive": t["loss_positive"],
-        "loss_negative": t["loss_negative"],
-        "loss_balance": t["loss_positive"] + t["loss_negative"],
-        "nll_positive": _div(t["nll_positive_sum"], t["responses_positive"]),
-        "nll_negative": _div(t["nll_negative_sum"], t["responses_negative"]),
-        "entropy": _div(t["entropy_sum"], t["tokens"]),
-        "grad_norm": grad_norm if math.isfinite(grad_norm) else float("nan"),
-        "zero_adv_groups": t["flat_groups"],
+def _step_metrics(t: dict[str, float], with_ratio: bool) -> dict[str, float]:
+    """The step's reported statistics from its reduced sums ``t``."""
+    moved = t["update_norm_positive"] + t["update_norm_negative"]
+    return {
+        **loss_metrics(t, t["units"], t["ratio_max"], with_ratio),
+        "entropy": t["entropy"] / t["tokens"] if t["tokens"] > 0 else 0.0,
+        "grad_norm": t["grad_norm"] if math.isfinite(t["grad_norm"]) else float("nan"),
+        "zero_adv_groups": t["zero_adv_groups"],
         "groups": t["groups"],
-        "samples": t["responses"],
+        "samples": t["samples"],
         "tokens": t["tokens"],
-        "reward_mean": _div(t["reward_sum"], t["responses"]),
+        "reward_mean": t["reward_sum"] / t["samples"] if t["samples"] > 0 else 0.0,
         "update_norm_positive": t["update_norm_positive"],
         "update_norm_negative": t["update_norm_negative"],
         # 0.5 when nothing moves: no side dominates an empty update.
-        "update_share_positive": _div(
-            t["update_norm_positive"], t["update_norm_positive"] + t["update_norm_negative"]
-        )
-        if t["update_norm_positive"] + t["update_norm_negative"] > 0
-        else 0.5,
+        "update_share_positive": t["update_norm_positive"] / moved if moved > 0 else 0.5,
     }
-    if with_ratio:
-        out["clip_fraction"] = _div(t["clip_sum"], t["ratio_units"])
-        out["ratio_mean"] = _div(t["ratio_sum"], t["ratio_units"])
-        out["ratio_max"] = ratio_max
-    return out

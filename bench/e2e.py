@@ -268,8 +268,9 @@ def isolated_train(
 ) -> float:
     """Seconds per sample of ``train_step`` alone on the run's own batches."""
     from asympo.model.loading import load_causal_lm, load_tokenizer
-    from asympo.training import group_from_scored, train_step
+    from asympo.training import train_step
     from services.learner.learner import make_optimizer, step_config
+    from services.learner.records import group_from_scored
 
     model = load_causal_lm(model_path, settings.model.dtype, "cpu").train()
     tok = load_tokenizer(model_path)

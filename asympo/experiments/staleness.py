@@ -33,7 +33,8 @@ from asympo.config import TaskSettings
 from asympo.engines.base import cut_at_stop
 from asympo.eval_mode import eval_mode
 from asympo.evaluation import evaluate, hf_greedy
-from asympo.losses import LOSSES, LossConfig, needs_behaviour_logprobs
+from asympo.loss_settings import AsympoLoss
+from asympo.losses import LOSSES, LossSettings, loss_settings, needs_behaviour_logprobs
 from asympo.tasks import Problem, Task, task_from_settings
 from asympo.training import StepConfig, TrainGroup, token_logprobs, train_step
 from asympo.verifiers import resolve_verifier, run_verifier
@@ -63,7 +64,8 @@ class StalenessConfig:
     prompt_format: str = "raw"  # task.prompt_format: raw, or chat (the tokenizer's template)
     prompt_preset: str = ""  # task.prompt_preset
     threads: int = 1
-    loss_cfg: LossConfig = field(default_factory=LossConfig)
+    # learner.loss: the grid's runs of that loss use its settings, other losses their defaults
+    learner_loss: LossSettings = field(default_factory=AsympoLoss)
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.losses if name not in LOSSES]
@@ -81,7 +83,7 @@ class StalenessConfig:
 
     def budget_key(self, model_path: str) -> str:
         """Hash of the model and everything but the grid axes: equal keys = comparable runs."""
-        fields: dict[str, Any] = dataclasses.asdict(self)
+        fields = self.as_dict()
         for axis in ("losses", "staleness", "seeds", "threads"):
             fields.pop(axis)
         for name, default in (("prompt_format", "raw"), ("prompt_preset", "")):
@@ -89,6 +91,14 @@ class StalenessConfig:
                 fields.pop(name)
         fields["model"] = str(Path(model_path).resolve()) if model_path else ""
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The configuration as JSON-ready values."""
+        return {**dataclasses.asdict(self), "learner_loss": self.learner_loss.model_dump()}
+
+    def loss_settings(self, loss: str) -> LossSettings:
+        """The settings the runs of ``loss`` train with."""
+        return self.learner_loss if self.learner_loss.name == loss else loss_settings(loss)
 
     def samples_per_run(self) -> int:
         """Responses generated (and trained on) by one run."""
@@ -332,8 +342,7 @@ def run_one(
     sampler = copy.deepcopy(policy.model) if staleness > 0 else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     step_cfg = StepConfig(
-        loss=loss,
-        loss_cfg=cfg.loss_cfg,
+        loss=cfg.loss_settings(loss),
         advantage=cfg.advantage,
         micro_batch=cfg.micro_batch,
         grad_clip=cfg.grad_clip,

@@ -244,7 +244,7 @@ def results_json(
         {
             "experiment": "staleness",
             "command": command,
-            "config": asdict(cfg),
+            "config": cfg.as_dict(),
             "budget_key": cfg.budget_key(model_path),
             "samples_per_run": cfg.samples_per_run(),
             "model_path": model_path,

@@ -110,7 +110,7 @@ class Admitter:
             verifier=self.task.verifier,
             num_samples=s.sampling.num_samples,
             sampling=sampling,
-            want_behaviour_logprobs=needs_behaviour_logprobs(s.learner.loss),
+            want_behaviour_logprobs=needs_behaviour_logprobs(s.learner.loss.name),
             admitted_at_version=version,
             created_at=time.time(),
             min_version=min_version,

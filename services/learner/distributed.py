@@ -22,8 +22,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from asympo.training import TrainGroup, group_from_scored
+from asympo.collectives import comm_device
+from asympo.training import TrainGroup
 from asympo.v1 import records_pb2
+from services.learner.records import group_from_scored
 
 STOP = -1
 CHECKPOINT = -2
@@ -90,14 +92,8 @@ def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=ids, **no_buffer_sync)
 
 
-def _comm_device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _send_header(kind_or_len: int, arg: int) -> tuple[int, int]:
-    header = torch.zeros(2, dtype=torch.long, device=_comm_device())
+    header = torch.zeros(2, dtype=torch.long, device=comm_device())
     if dist.get_rank() == 0:
         header[0], header[1] = kind_or_len, arg
     dist.broadcast(header, 0)
@@ -132,7 +128,7 @@ def broadcast_batch(payload: list[bytes] | None) -> list[bytes] | None:
 
 
 def _receive_payload(n: int, payload: list[bytes] | None) -> list[bytes]:
-    device = _comm_device()
+    device = comm_device()
     lengths = torch.zeros(n, dtype=torch.long, device=device)
     if dist.get_rank() == 0 and payload is not None:
         lengths = torch.tensor([len(p) for p in payload], dtype=torch.long, device=device)

@@ -31,7 +31,6 @@ import redis
 import torch
 
 from asympo.config import Settings
-from asympo.losses import LossConfig
 from asympo.probe import probe_logprobs, probe_tokens
 from asympo.run_log import MetricsWriter
 from asympo.streams import Consumer, DecodeFailure, Delivery, decode
@@ -39,7 +38,6 @@ from asympo.tasks import Task
 from asympo.training import (
     StepConfig,
     TrainGroup,
-    group_from_scored,
     train_step,
     untrainable_reason,
 )
@@ -67,6 +65,7 @@ from services.learner.distributed import (
     shard,
 )
 from services.learner.publisher import InlinePublisher, PublishFn, VersionPublisher
+from services.learner.records import group_from_scored
 from services.learner.sharding import full_state_dict, is_sharded
 
 log = logging.getLogger(__name__)
@@ -91,15 +90,6 @@ def step_config(settings: Settings) -> StepConfig:
     lc = settings.learner
     return StepConfig(
         loss=lc.loss,
-        loss_cfg=LossConfig(
-            aggregation=lc.aggregation,
-            spo_beta=lc.spo_beta,
-            clip_eps=lc.clip_eps,
-            clip_eps_high=lc.clip_eps_high,
-            tis_cap=lc.tis_cap,
-            nll_eps=lc.nll_eps,
-            clip_ratio_c=lc.clip_ratio_c,
-        ),
         advantage=lc.advantage,
         micro_batch=lc.micro_batch,
         max_tokens_per_micro_batch=lc.max_tokens_per_micro_batch,

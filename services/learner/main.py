@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from asympo.config import Settings
-from asympo.losses import needs_behaviour_logprobs
 from asympo.model.loading import load_causal_lm, load_tokenizer, resolve_model_path
 from asympo.preflight import check_against_model, task_prompts
 from asympo.probe import make_probe, probe_tokens
@@ -49,7 +48,6 @@ def run(settings: Settings) -> None:
     configure_logging()
     lc = settings.learner
     with Service("learner") as svc:
-        needs_behaviour_logprobs(lc.loss)  # an unknown loss name fails here, before any work
         torch.manual_seed(lc.seed)
         info = init_distributed(lc.device)
         path = resolve_model_path(settings)
@@ -80,7 +78,7 @@ def run(settings: Settings) -> None:
         svc.closing(writer.close)
         probe = probe_tokens(int(model.config.vocab_size))
         publisher = BackgroundPublisher(
-            store_sink(client, {"loss": lc.loss}),
+            store_sink(client, {"loss": lc.loss.name}),
             lambda m: make_probe(m, probe, settings.rollout.probe_tolerance),
         )
         svc.closing(publisher.close)
@@ -109,7 +107,7 @@ def run(settings: Settings) -> None:
         svc.loop("learner-loop", loop.step, join_timeout_s=None)
         log.info(
             "learner: loss=%s version=%d max_staleness=%d groups_per_step=%d device=%s",
-            *(lc.loss, learner.version, lc.max_staleness, lc.groups_per_step, info.device),
+            *(lc.loss.name, learner.version, lc.max_staleness, lc.groups_per_step, info.device),
         )
         if svc.serve():
             learner.stop_event.set()

@@ -34,7 +34,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
             groups_dropped_stale=int(lr.counters["groups_dropped_stale"]),
             prompts_admitted=lr.admitter.admitted() if lr.admitter is not None else 0,
             max_staleness=lr.lc.max_staleness,
-            loss=lr.lc.loss,
+            loss=lr.lc.loss.name,
             last_loss=float(last.get("loss", 0.0)),
             last_loss_balance=float(last.get("loss_balance", 0.0)),
         )

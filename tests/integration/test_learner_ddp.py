@@ -16,7 +16,7 @@ from asympo.training import StepConfig, TrainGroup, train_step
 from services.learner.distributed import DistInfo, wrap_ddp
 from tests.unit.test_learner_step import fixed_groups, tiny_model
 
-CFG = StepConfig(loss="asympo", micro_batch=2, grad_clip=0.1)
+CFG = StepConfig(micro_batch=2, grad_clip=0.1)
 LR = 0.05
 
 

@@ -38,7 +38,7 @@ from services.learner.distributed import DistInfo
 from services.learner.sharding import Precision, full_state_dict, wrap_model
 from tests.unit.test_learner_step import VOCAB, fixed_groups, tiny_model
 
-CFG = StepConfig(loss="asympo", micro_batch=2, grad_clip=0.1)
+CFG = StepConfig(micro_batch=2, grad_clip=0.1)
 LR = 0.01
 # bf16 compute (8 mantissa bits) against float32, one AdamW step at lr 0.01. Adam moves a
 # weight by about +-lr whatever its gradient's size, so a tiny gradient whose sign bf16

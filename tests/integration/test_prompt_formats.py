@@ -26,9 +26,9 @@ from asympo.model import load_tokenizer
 from asympo.model.architecture import TinyArchitecture, build_tiny_model
 from asympo.model.char_tokenizer import save_char_tokenizer
 from asympo.tasks import task_from_settings
-from asympo.training import group_from_scored
 from asympo.v1 import records_pb2
 from services.learner.admission import Admitter
+from services.learner.records import group_from_scored
 from services.rollout.worker import build_group, requests_for
 
 FORMATS = [

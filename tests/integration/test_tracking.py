@@ -77,7 +77,7 @@ def test_wandb_offline_run_holds_the_metrics_and_the_config(
     settings, records = tracked_run(tmp_path, redis_client, run_id, "wandb")
     values, config = wandb_values(tmp_path / "run" / "trackers")
     assert_same_values(values, records)
-    assert config["learner"]["loss"] == settings.learner.loss
+    assert config["learner"]["loss"]["name"] == settings.learner.loss.name
     assert config["weights"]["publish_token"] == ""  # dump_settings masks secrets
 
 
@@ -97,7 +97,7 @@ def test_mlflow_file_store_holds_the_metrics_params_and_config(
     uri = (tmp_path / "run" / "trackers" / "mlruns").resolve().as_uri()
     values, params, config = mlflow_values(uri, "asympo-test")
     assert_same_values(values, records)
-    assert params["learner.loss"] == settings.learner.loss
+    assert params["learner.loss.name"] == settings.learner.loss.name
     assert params["learner.groups_per_step"] == str(settings.learner.groups_per_step)
     assert yaml.safe_load(config)["learner"]["lr"] == settings.learner.lr
 

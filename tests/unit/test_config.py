@@ -62,3 +62,54 @@ def test_configuration_reference_is_current() -> None:
 
     doc = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
     assert doc.read_text() == render(), "run: python -m asympo.config_doc > docs/configuration.md"
+
+
+def test_a_loss_is_one_record_chosen_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asympo.loss_settings import AsympoLoss, GrpoLoss, TisLoss
+
+    assert load_settings().learner.loss == AsympoLoss()
+    assert load_settings(None, ["learner.loss=grpo"]).learner.loss == GrpoLoss()
+    both = load_settings(None, ["learner.loss=grpo", "learner.loss.clip_eps=0.1"])
+    assert both.learner.loss == GrpoLoss(clip_eps=0.1)
+    # A parameter alone belongs to the default loss (the old learner.nll_eps).
+    assert load_settings(None, ["learner.loss.nll_eps=0.1"]).learner.loss == AsympoLoss(nll_eps=0.1)
+    # The file names the loss, the command line sets one of its parameters.
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("learner:\n  loss: grpo\n")
+    s = load_settings(cfg, ["learner.loss.clip_ratio_c=0"])
+    assert s.learner.loss == GrpoLoss(clip_ratio_c=0.0)
+    monkeypatch.setenv("ASYMPO_LEARNER__LOSS", "tis")
+    assert load_settings(cfg).learner.loss == TisLoss()  # env beats file
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["learner.loss=ppo"], "learner.loss"),  # unknown loss, at load time
+        (["learner.loss=asympo", "learner.loss.clip_eps=0.1"], "clip_eps"),  # not asympo's
+        (["learner.loss=dapo", "learner.loss.aggregation=seq-mean"], "aggregation"),
+        (["learner.loss=grpo", "learner.loss.clip_ratio_c=1"], "clip_ratio_c"),
+        (["learner.grad_clip=-0.5"], "learner.grad_clip"),
+    ],
+)
+def test_bad_loss_settings_fail_at_load(overrides: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_settings(None, overrides)
+
+
+def test_grad_clip_zero_turns_clipping_off_everywhere() -> None:
+    from asympo.training import StepConfig
+    from services.learner.learner import step_config
+
+    assert step_config(load_settings(None, ["learner.grad_clip=0"])).grad_clip == 0.0
+    with pytest.raises(ValueError, match="grad_clip"):
+        StepConfig(grad_clip=-1.0)
+
+
+def test_dumped_settings_load_back(tmp_path: Path) -> None:
+    s = load_settings(None, ["learner.loss=gspo", "learner.loss.clip_eps=0.3"])
+    dumped = tmp_path / "config.yaml"
+    dumped.write_text(dump_settings(s))
+    assert load_settings(dumped).learner.loss == s.learner.loss

@@ -4,23 +4,27 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from asympo.losses import LossConfig, MissingBehaviourLogprobs
+from asympo.loss_settings import DapoLoss, GrpoLoss, ReinforceLoss
+from asympo.losses import MissingBehaviourLogprobs, loss_settings
 from asympo.probe import make_probe, probe_logprobs, probe_tokens
 from asympo.training import (
     StepConfig,
     TrainGroup,
     flatten_groups,
-    group_from_scored,
     token_logprobs,
     train_step,
     untrainable_reason,
 )
 from asympo.v1 import records_pb2
+from services.learner.records import group_from_scored
 
 VOCAB = 64
 
@@ -115,7 +119,10 @@ def test_step_matches_the_independent_reference(loss: str, micro_batch: int) -> 
     lr, clip = 0.05, 0.1
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     stats = train_step(
-        model, opt, groups, StepConfig(loss=loss, micro_batch=micro_batch, grad_clip=clip)
+        model,
+        opt,
+        groups,
+        StepConfig(loss=loss_settings(loss), micro_batch=micro_batch, grad_clip=clip),
     )
     ref_loss, ref_norm, ref_entropy, ref_pos, ref_neg = reference_gradient_step(
         ref, groups, lr, clip, loss
@@ -158,7 +165,7 @@ def with_behaviour(groups: list[TrainGroup], seed: int) -> list[TrainGroup]:
 
 def reference_dapo_step(model: Qwen2ForCausalLM, groups: list[TrainGroup], lr: float) -> float:
     """DAPO written out by hand: dual-clipped clip-higher token losses, token-mean, plain SGD."""
-    cfg = LossConfig()
+    cfg = DapoLoss()
     token_losses = []
     for g in groups:
         assert g.behaviour_logprobs is not None
@@ -193,7 +200,7 @@ def test_micro_batching_does_not_change_token_mean_dapo_either() -> None:
     for micro in (1, 3, 100):
         model = tiny_model()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        cfg = StepConfig(loss="dapo", micro_batch=micro, grad_clip=0.0)
+        cfg = StepConfig(loss=DapoLoss(), micro_batch=micro, grad_clip=0.0)
         stats = train_step(model, opt, groups, cfg)
         assert stats["loss"] == pytest.approx(ref_loss, abs=1e-6), micro
         assert 0 < stats["clip_fraction"] < 1, micro
@@ -220,7 +227,7 @@ def test_an_empty_response_is_dropped_before_the_advantages() -> None:
     for groups in ([with_empty], [g]):
         model = tiny_model()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        stats = train_step(model, opt, groups, StepConfig(loss="reinforce", grad_clip=0.0))
+        stats = train_step(model, opt, groups, StepConfig(loss=ReinforceLoss(), grad_clip=0.0))
         results.append((stats, torch.cat([p.detach().flatten() for p in model.parameters()])))
     torch.testing.assert_close(results[0][1], results[1][1])
     assert results[0][0]["loss_balance"] == pytest.approx(results[1][0]["loss_balance"])
@@ -230,7 +237,7 @@ def test_an_empty_response_is_dropped_before_the_advantages() -> None:
 @pytest.mark.parametrize(
     ("change", "cfg", "reason"),
     [
-        ({}, StepConfig(loss="grpo"), "missing_behaviour_logprobs"),
+        ({}, StepConfig(loss=GrpoLoss()), "missing_behaviour_logprobs"),
         ({"rewards": [1.0, float("nan"), 0.0, 1.0]}, StepConfig(), "non_finite_reward"),
         ({"completions": [[], [], [], []]}, StepConfig(), "no_completion_tokens"),
         ({"completions": [[3], [], [], []]}, StepConfig(advantage="rloo"), "too_few_responses"),
@@ -255,7 +262,7 @@ def test_behaviour_loss_without_behaviour_logprobs_is_refused_before_any_update(
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(MissingBehaviourLogprobs, match="grpo"):
-        train_step(model, opt, fixed_groups(), StepConfig(loss="grpo", loss_cfg=LossConfig()))
+        train_step(model, opt, fixed_groups(), StepConfig(loss=GrpoLoss()))
     for p, q in zip(model.parameters(), before, strict=True):
         assert torch.equal(p, q)
 
@@ -298,3 +305,31 @@ def test_group_from_scored_record() -> None:
     del scored.scores[1]
     with pytest.raises(ValueError, match="1 scores for 2 samples"):
         group_from_scored(scored)
+
+
+def test_the_step_reads_the_device_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loss and step statistics stay tensors until one ``tolist()`` at the step's end.
+
+    Counted: every way a tensor's value reaches Python (``item``, ``tolist``, ``float()``,
+    ``int()``, ``bool()``) from the step's and the losses' code, micro-batch after
+    micro-batch. The advantages are computed on host tensors before the device is touched
+    (``flatten_groups``), so they are not reads of the device.
+    """
+    reads: list[tuple[str, str, str]] = []
+    for method in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, method)
+
+        def counted(
+            self: torch.Tensor, *args: object, _m: str = method, _o: Any = original
+        ) -> object:
+            caller = inspect.stack(context=0)[1]
+            reads.append((Path(caller.filename).name, caller.function, _m))
+            return _o(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    groups = with_behaviour(fixed_groups(), seed=2)
+    train_step(model, opt, groups, StepConfig(loss=GrpoLoss(), micro_batch=2))
+    ours = [r for r in reads if r[0] in ("training.py", "losses.py") and r[1] != "flatten_groups"]
+    assert ours == [("training.py", "train_step", "tolist")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -10,18 +11,36 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asympo.advantages import compute_advantages
+from asympo.loss_settings import (
+    AsympoLoss,
+    DapoLoss,
+    GrpoLoss,
+    GspoLoss,
+    LossSettings,
+    ReinforceLoss,
+    SpoLoss,
+    TisLoss,
+)
 from asympo.losses import (
     LOSSES,
     Aggregation,
-    LossConfig,
     MissingBehaviourLogprobs,
     compute_loss,
     logit_grad_norms,
-    loss_aggregation,
+    loss_settings,
     needs_behaviour_logprobs,
 )
 
 BEHAVIOUR_LOSSES = ["grpo", "dapo", "gspo", "tis"]
+
+
+def settings_for(name: str, **params: Any) -> LossSettings:
+    """Loss ``name``'s settings with those ``params`` it has (dapo's aggregation is fixed)."""
+    fields = LOSSES[name].settings.model_fields
+    kept = {k: v for k, v in params.items() if k in fields}
+    if name == "dapo":
+        kept.pop("aggregation", None)
+    return loss_settings(name, **kept)
 
 
 def stale_batch(
@@ -102,7 +121,7 @@ def test_asympo_group_sums_are_zero_per_group() -> None:
 
 def test_token_mean_breaks_zero_sum_as_documented() -> None:
     lp, mask, adv = stale_batch(3)
-    _, s = compute_loss("asympo", lp, mask, adv, cfg=LossConfig(aggregation="token-mean"))
+    _, s = compute_loss("asympo", lp, mask, adv, cfg=AsympoLoss(aggregation="token-mean"))
     expected = (adv * mask.sum(dim=1)).sum().item()  # sum_i A_i |y_i|
     assert s["loss_balance"] == pytest.approx(expected, rel=1e-5)
     assert abs(expected) > 1e-3
@@ -112,7 +131,7 @@ def test_token_mean_breaks_zero_sum_as_documented() -> None:
 def test_asympo_gradient_is_advantage_times_grad_log_mean_nll(aggregation: Aggregation) -> None:
     base, mask, adv = stale_batch(11)
     lp = base.clone().requires_grad_(True)
-    loss, _ = compute_loss("asympo", lp, mask, adv, cfg=LossConfig(aggregation=aggregation))
+    loss, _ = compute_loss("asympo", lp, mask, adv, cfg=AsympoLoss(aggregation=aggregation))
     (grad,) = torch.autograd.grad(loss, lp)
 
     # Independent reference: d/dlp of sum_i w_i * A_i * log(m_i).
@@ -147,12 +166,11 @@ def test_without_stop_gradient_the_asympo_gradient_would_vanish() -> None:
 @pytest.mark.parametrize("beta", [0.25, 0.5, 1.0])
 def test_spo_scales_exactly_the_negative_terms(beta: float) -> None:
     base, mask, adv = stale_batch(5)
-    cfg = LossConfig(spo_beta=beta)
     lp_s = base.clone().requires_grad_(True)
-    loss_s, st_s = compute_loss("spo", lp_s, mask, adv, cfg=cfg)
+    loss_s, st_s = compute_loss("spo", lp_s, mask, adv, cfg=SpoLoss(spo_beta=beta))
     loss_s.backward()
     lp_r = base.clone().requires_grad_(True)
-    loss_r, st_r = compute_loss("reinforce", lp_r, mask, adv, cfg=cfg)
+    loss_r, st_r = compute_loss("reinforce", lp_r, mask, adv)
     loss_r.backward()
     assert st_s["loss_positive"] == pytest.approx(st_r["loss_positive"], rel=1e-6)
     assert st_s["loss_negative"] == pytest.approx(beta * st_r["loss_negative"], rel=1e-6)
@@ -168,7 +186,7 @@ def _grad(
     mask: torch.Tensor,
     adv: torch.Tensor,
     behaviour: torch.Tensor | None,
-    cfg: LossConfig,
+    cfg: LossSettings | None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     lp = base.clone().requires_grad_(True)
     loss, stats = compute_loss(name, lp, mask, adv, behaviour, cfg)
@@ -182,9 +200,9 @@ def test_on_policy_behaviour_losses_give_the_policy_gradient(
     name: str, aggregation: Aggregation
 ) -> None:
     base, mask, adv = stale_batch(9)
-    cfg = LossConfig(aggregation=aggregation)
+    cfg = settings_for(name, aggregation=aggregation)
     grad, stats = _grad(name, base, mask, adv, base.clone(), cfg)
-    ref_cfg = LossConfig(aggregation="token-mean" if name == "dapo" else aggregation)
+    ref_cfg = ReinforceLoss(aggregation="token-mean" if name == "dapo" else aggregation)
     ref, _ = _grad("reinforce", base, mask, adv, None, ref_cfg)
     torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-7)
     assert stats["clip_fraction"] == 0.0
@@ -206,8 +224,8 @@ def test_token_clipping_engages_exactly_outside_the_range(name: str) -> None:
     base, mask, adv = stale_batch(4)
     log_r = _ratios_away_from_edges(tuple(base.shape), 1)
     behaviour = base - log_r
-    cfg = LossConfig()
-    high = 1 + (cfg.clip_eps_high if name == "dapo" else cfg.clip_eps)
+    cfg = DapoLoss() if name == "dapo" else GrpoLoss()
+    high = 1 + (cfg.clip_eps_high if isinstance(cfg, DapoLoss) else cfg.clip_eps)
     low = 1 - cfg.clip_eps
     grad, stats = _grad(name, base, mask, adv, behaviour, cfg)
     ratio = torch.exp(log_r)
@@ -215,7 +233,7 @@ def test_token_clipping_engages_exactly_outside_the_range(name: str) -> None:
     clipped = ((a > 0) & (ratio > high)) | ((a < 0) & (ratio < low))
     # Unclipped tokens: d/dlp of -r*A, normalised like the reinforce reference.
     agg: Aggregation = "token-mean" if name == "dapo" else "seq-mean"
-    ref, _ = _grad("reinforce", base, mask, adv, None, LossConfig(aggregation=agg))
+    ref, _ = _grad("reinforce", base, mask, adv, None, ReinforceLoss(aggregation=agg))
     expected = torch.where(clipped, torch.zeros_like(ref), ref * ratio)
     torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
     assert 0 < clipped[mask].sum() < mask.sum()
@@ -238,10 +256,10 @@ def test_gspo_clips_whole_sequences_outside_the_range() -> None:
     wiggle = (wiggle - (wiggle.sum(1) / fmask.sum(1))[:, None]) * fmask
     log_r = seq_log_r[:, None] + wiggle
     behaviour = base - log_r
-    grad, stats = _grad("gspo", base, mask, adv, behaviour, LossConfig())
+    grad, stats = _grad("gspo", base, mask, adv, behaviour, None)
     s = torch.exp(seq_log_r)
     clipped = ((adv > 0) & (s > 1.2)) | ((adv < 0) & (s < 0.8))
-    ref, _ = _grad("reinforce", base, mask, adv, None, LossConfig())
+    ref, _ = _grad("reinforce", base, mask, adv, None, None)
     expected = torch.where(clipped[:, None], torch.zeros_like(ref), ref * s[:, None]) * fmask
     torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
     assert 0 < clipped.sum() < len(adv)
@@ -258,9 +276,8 @@ def test_tis_truncates_exactly_above_the_cap() -> None:
     gen = torch.Generator().manual_seed(2)
     ratio = torch.exp(torch.empty(base.shape).uniform_(-1.5, 1.5, generator=gen))
     behaviour = base - torch.log(ratio)
-    cfg = LossConfig(tis_cap=2.0)
-    grad, stats = _grad("tis", base, mask, adv, behaviour, cfg)
-    ref, _ = _grad("reinforce", base, mask, adv, None, cfg)
+    grad, stats = _grad("tis", base, mask, adv, behaviour, TisLoss(tis_cap=2.0))
+    ref, _ = _grad("reinforce", base, mask, adv, None, None)
     torch.testing.assert_close(grad, ref * ratio.clamp(max=2.0), rtol=1e-5, atol=1e-7)
     truncated = ratio[mask] > 2.0
     assert 0 < truncated.sum() < mask.sum()
@@ -301,8 +318,8 @@ def test_padding_never_changes_any_loss(
     p_adv = torch.cat([adv, torch.randn(pad_rows)])
     aggregations: tuple[Aggregation, ...] = ("seq-mean", "token-mean")
     for aggregation in aggregations:
-        cfg = LossConfig(aggregation=aggregation)
         for name in LOSSES:
+            cfg = settings_for(name, aggregation=aggregation)
             x = lp.clone().requires_grad_(True)
             p_x = p_lp.clone().requires_grad_(True)
             loss, stats = compute_loss(name, x, mask, adv, behaviour, cfg)
@@ -329,8 +346,8 @@ def test_no_nan_or_inf_for_tiny_nll_or_empty_rows(
     lp[-1] = 0.0  # and one the policy is certain of (NLL exactly 0)
     aggregations: tuple[Aggregation, ...] = ("seq-mean", "token-mean")
     for aggregation in aggregations:
-        cfg = LossConfig(aggregation=aggregation)
         for name in LOSSES:
+            cfg = settings_for(name, aggregation=aggregation)
             x = lp.clone().requires_grad_(True)
             loss, stats = compute_loss(name, x, mask, adv, behaviour, cfg)
             loss.backward()
@@ -397,9 +414,13 @@ def test_dual_clip_matches_verl(name: str, clip_ratio_c: float) -> None:
     # Ratios up to e^2.5 ~ 12: stale A < 0 tokens far beyond the dual-clip bound.
     log_r = torch.empty(base.shape).uniform_(-1.5, 2.5, generator=gen)
     behaviour = base - log_r
-    cfg = LossConfig(clip_ratio_c=clip_ratio_c)
-    agg = loss_aggregation(name, cfg)
-    high = cfg.clip_eps_high if name == "dapo" else cfg.clip_eps
+    cfg = (
+        DapoLoss(clip_ratio_c=clip_ratio_c)
+        if name == "dapo"
+        else GrpoLoss(clip_ratio_c=clip_ratio_c)
+    )
+    agg = cfg.aggregation
+    high = cfg.clip_eps_high if isinstance(cfg, DapoLoss) else cfg.clip_eps
     lp = base.clone().requires_grad_(True)
     loss, _ = compute_loss(name, lp, mask, adv, behaviour, cfg)
     (grad,) = torch.autograd.grad(loss, lp)
@@ -415,7 +436,7 @@ def test_dual_clip_matches_verl(name: str, clip_ratio_c: float) -> None:
     assert dual.sum() > 5  # the dual clip really engaged
     assert torch.all(grad[dual] == 0)
     # Off: the plain clipped surrogate, whose A < 0 loss grows with the ratio.
-    off = LossConfig(clip_ratio_c=0.0)
+    off = cfg.model_copy(update={"clip_ratio_c": 0.0})
     off_loss, _ = compute_loss(name, base, mask, adv, behaviour, off)
     plain = torch.maximum(-a * torch.exp(log_r), -a * torch.exp(log_r).clamp(0.8, 1 + high))
     assert off_loss.item() == pytest.approx(_verl_agg(plain, mask, agg).item(), rel=1e-6)
@@ -427,7 +448,7 @@ def test_gspo_dual_clip_caps_each_stale_negative_response() -> None:
     seq_log_r = torch.tensor([2.0, 0.0, -0.5, 1.5])[torch.arange(len(adv)) % 4]
     behaviour = base - seq_log_r[:, None]
     lp = base.clone().requires_grad_(True)
-    loss, _ = compute_loss("gspo", lp, mask, adv, behaviour, LossConfig(clip_ratio_c=3.0))
+    loss, _ = compute_loss("gspo", lp, mask, adv, behaviour, GspoLoss(clip_ratio_c=3.0))
     (grad,) = torch.autograd.grad(loss, lp)
     s = torch.exp(seq_log_r)
     capped = (adv < 0) & (s > 3.0)
@@ -440,8 +461,8 @@ def test_gspo_dual_clip_caps_each_stale_negative_response() -> None:
 
 def test_clip_ratio_c_must_be_off_or_above_one() -> None:
     with pytest.raises(ValueError, match="clip_ratio_c"):
-        LossConfig(clip_ratio_c=1.0)
-    LossConfig(clip_ratio_c=0.0)
+        GrpoLoss(clip_ratio_c=1.0)
+    GrpoLoss(clip_ratio_c=0.0)
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
@@ -458,7 +479,7 @@ def test_analytic_logit_gradient_norms_match_autograd(name: str, aggregation: Ag
     logprobs = logp_all.gather(-1, targets[..., None]).squeeze(-1)
     # Ratios in [0.4, 4]: clips, dual clips and truncations all active somewhere.
     behaviour = logprobs.detach() - torch.empty(b, t).uniform_(-0.9, 1.4, generator=gen)
-    cfg = LossConfig(aggregation=aggregation)
+    cfg = settings_for(name, aggregation=aggregation)
     # Autograd on the logits: the reference.
     loss, _ = compute_loss(name, logprobs, mask, adv, behaviour, cfg)
     (dz,) = torch.autograd.grad(loss, logits)

@@ -7,8 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from asympo.losses import loss_settings
 from asympo.training import StepConfig, TrainGroup, plan_micro_batches, train_step
-from tests.unit.test_learner_step import VOCAB, fixed_groups, tiny_model
+from tests.unit.test_learner_step import VOCAB, fixed_groups, tiny_model, with_behaviour
 
 
 @settings(max_examples=200, deadline=None)
@@ -71,7 +72,10 @@ def test_token_budget_gives_the_gradient_of_one_big_batch(loss: str, budget: int
         model = tiny_model()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         cfg = StepConfig(
-            loss=loss, micro_batch=micro, max_tokens_per_micro_batch=max_tokens, grad_clip=0.0
+            loss=loss_settings(loss),
+            micro_batch=micro,
+            max_tokens_per_micro_batch=max_tokens,
+            grad_clip=0.0,
         )
         stats = train_step(model, opt, groups, cfg)
         results.append((stats, torch.cat([p.detach().flatten() for p in model.parameters()])))
@@ -83,3 +87,33 @@ def test_token_budget_gives_the_gradient_of_one_big_batch(loss: str, budget: int
         assert split[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
     # The update is real: weights moved.
     assert not torch.equal(one_params, torch.cat([p.flatten() for p in tiny_model().parameters()]))
+
+
+@pytest.mark.parametrize("loss", ["asympo", "spo", "grpo", "gspo", "tis"])
+def test_micro_batched_step_reports_the_one_batch_metrics(loss: str) -> None:
+    """Every logged value of a step split into uneven micro-batches equals the unsplit one's.
+
+    Micro-batches of 2 over responses of 1..7 tokens: their losses, token counts and ratio
+    counts all differ, so a statistic averaged per micro-batch (instead of summed and
+    divided once, globally) or a maximum taken from one micro-batch shows here.
+    """
+    groups = with_behaviour(fixed_groups(), seed=7)
+    results = []
+    for micro in (1000, 2):
+        model = tiny_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        cfg = StepConfig(loss=loss_settings(loss), micro_batch=micro, grad_clip=0.5)
+        stats = train_step(model, opt, groups, cfg)
+        results.append((stats, torch.cat([p.detach().flatten() for p in model.parameters()])))
+    (one, one_params), (split, split_params) = results
+    lengths = [len(g.prompt_tokens) + len(c) for g in groups for c in g.completions]
+    assert len(plan_micro_batches(lengths, 0, 2)) >= 4
+    assert set(split) == set(one)
+    # The balance is a difference of two fp32 sums: its rounding is theirs.
+    scale = abs(one["loss_positive"]) + abs(one["loss_negative"])
+    for key, value in one.items():
+        tol = 1e-6 * scale if key == "loss_balance" else 1e-6
+        assert split[key] == pytest.approx(value, rel=1e-5, abs=tol), key
+    torch.testing.assert_close(split_params, one_params, rtol=1e-5, atol=1e-6)
+    if "clip_fraction" in one:  # the ratio statistics are really exercised
+        assert 0 < one["clip_fraction"] < 1 and one["ratio_max"] > one["ratio_mean"] > 0

@@ -16,6 +16,7 @@ import torch
 
 from asympo.engines import GenerationRequest
 from asympo.engines.hf_engine import HFEngine, sampling_logprobs
+from asympo.losses import loss_settings
 from asympo.training import StepConfig, TrainGroup, train_step
 from tests.unit.test_hf_engine import _save
 
@@ -51,7 +52,9 @@ def assert_fresh_ratio_is_one(model: torch.nn.Module, groups: list[TrainGroup], 
     for loss in BEHAVIOUR_LOSSES:
         learner = copy.deepcopy(model)
         opt = torch.optim.SGD(learner.parameters(), lr=0.0)
-        stats = train_step(learner, opt, groups, StepConfig(loss=loss, temperature=t))
+        stats = train_step(
+            learner, opt, groups, StepConfig(loss=loss_settings(loss), temperature=t)
+        )
         assert stats["ratio_mean"] == pytest.approx(1.0, abs=2e-4), (loss, t, stats)
         assert stats["ratio_max"] == pytest.approx(1.0, abs=1e-3), (loss, t, stats)
         assert stats["clip_fraction"] == 0.0, (loss, t, stats)
