@@ -239,6 +239,47 @@ def test_a_late_joiner_gets_the_current_version_from_the_store(
         learner.close()
 
 
+def test_two_replicas_receive_every_version(
+    engine: Any,  # noqa: F811
+    base_dir: Path,  # noqa: F811
+    tokenizer: Any,  # noqa: F811
+    client: WeightsClient,
+    redis_client: redis.Redis,
+    stream_settings: StreamSettings,
+    tmp_path: Path,
+) -> None:
+    from asympo.engines.vllm_engine import VLLMEngine
+
+    second = VLLMEngine(str(base_dir), dtype="float32", max_model_len=256, kv_cache_gib=0.25)
+    learner = Learner(client, Layout.of(variant(base_dir, 0).state_dict()))
+    try:
+        followers = [
+            replica(e, base_dir, client, redis_client, stream_settings, tmp_path / f"r{i}")
+            for i, e in enumerate((engine, second))
+        ]
+
+        def all_until(done: Callable[[], bool]) -> None:
+            deadline = time.monotonic() + 180
+            while not done():
+                assert time.monotonic() < deadline, [f.outcomes for f in followers]
+                for f in followers:
+                    f.step(block_ms=20)
+
+        all_until(lambda: learner.hub.members() == 2)
+        for version, seed in enumerate((41, 42, 43)):
+            model = variant(base_dir, seed)
+            learner.sink(snapshot(model, version))
+            all_until(lambda v=version: all(f.swapper.version == v for f in followers))
+            for f, e in zip(followers, (engine, second), strict=True):
+                assert (f.outcomes[-1].accepted, f.outcomes[-1].source) == (True, "broadcast")
+                assert_engine_matches(e, model, tokenizer)
+        for i in range(2):
+            assert fetched_versions(tmp_path / f"r{i}") == []
+    finally:
+        learner.close()
+        second.close()
+
+
 def test_stale_receive_buffers_are_refused_not_served(engine: Any) -> None:  # noqa: F811
     # A version the workers no longer hold (never received, or overwritten) fails to
     # load with a clear error instead of loading whatever the buffers contain.
