@@ -153,7 +153,10 @@ class WeightSwapper:
             self.changed.notify_all()
         seconds = time.monotonic() - start
         metrics.POLICY_VERSION.set(version)
-        log.info("serving version %d (probe max |diff| %.2e, %.2fs)", version, diff, seconds)
+        log.info(
+            "serving version %d via the %s (probe max |diff| %.2e, %.2fs)",
+            *(version, source, diff, seconds),
+        )
         return SwapOutcome(version, True, diff, seconds, "ok", source)
 
     def _restore(self) -> None:
