@@ -83,6 +83,23 @@ class WeightsSettings(Section):
     publish_token: SecretStr = Field(SecretStr(""), description="bearer token for Publish")
     chunk_bytes: int = Field(1 << 20, ge=4096, le=32 << 20, description="bytes per gRPC chunk")
     max_publish_bytes: int = Field(256 << 30, ge=1)
+    transport: Literal["store", "broadcast"] = Field(
+        "store",
+        description="how a new version reaches rollout: 'store' (every replica fetches it "
+        "from this service) or 'broadcast' (learner rank 0 sends it straight into every "
+        "replica's engine over a gloo group; the store is still written, for late joiners "
+        "and as the fallback of any failed broadcast)",
+    )
+    broadcast_host: str = Field(
+        "127.0.0.1",
+        description="the learner's address as rollout replicas reach it (broadcast transport)",
+    )
+    broadcast_port: int = Field(
+        29600, ge=0, le=65535, description="the learner's broadcast rendezvous port (0 = any)"
+    )
+    broadcast_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="a broadcast join or send that takes longer fails"
+    )
 
 
 class RewardSettings(Section):

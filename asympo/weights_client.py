@@ -108,12 +108,17 @@ def _error(exc: grpc.RpcError, what: str) -> WeightsClientError:
     return WeightsClientError(message, code)
 
 
-def _safetensors_state(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors, with tensors that share storage (tied embeddings) copied,
-    since safetensors refuses shared storage."""
+def unshared_cpu_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies of ``state`` in which no two names share memory.
+
+    safetensors refuses shared storage: tied embeddings (one tensor under two names), but
+    also two views into one storage at different offsets — so tensors are told apart by
+    their storage, not by where they start in it. A loader that skips a tied duplicate
+    makes the extra copy harmless.
+    """
     seen: set[tuple[int, int]] = set()
     out: dict[str, torch.Tensor] = {}
-    for name, tensor in state_dict.items():
+    for name, tensor in state.items():
         t = tensor.detach().to("cpu").contiguous()
         key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
         if key in seen:
@@ -128,7 +133,7 @@ def shard_groups(
 ) -> list[tuple[str, dict[str, torch.Tensor]]]:
     """``(file name, tensors)`` of each shard: ``model-00001.safetensors``, ... of at most
     ``max_shard_bytes`` (a tensor larger than that gets a shard of its own)."""
-    tensors = _safetensors_state(state_dict)
+    tensors = unshared_cpu_tensors(state_dict)
     groups: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in tensors.items():
@@ -505,6 +510,30 @@ class WeightsClient:
                 digest.update(data.data)
                 received += len(data.data)
         return received
+
+    # -- the direct broadcast's rendezvous -------------------------------------------------
+
+    def register_broadcast(self, host: str, port: int, epoch: str) -> None:
+        """Learner rank 0: tell the service where its broadcast group is joined."""
+        endpoint = weights_pb2.BroadcastEndpoint(host=host, port=port, epoch=epoch)
+        try:
+            self.stub.RegisterBroadcast(
+                endpoint, metadata=bearer_metadata(self._token) if self._token else (), timeout=30
+            )
+        except grpc.RpcError as exc:
+            raise _error(exc, "RegisterBroadcast") from exc
+
+    def broadcast_endpoint(self) -> weights_pb2.BroadcastEndpoint | None:
+        """Where the learner's broadcast group is joined; None while none is registered."""
+        try:
+            endpoint: weights_pb2.BroadcastEndpoint = self.stub.GetBroadcast(
+                weights_pb2.BroadcastEndpointRequest(), timeout=30
+            )
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise _error(exc, "GetBroadcast") from exc
+        return endpoint
 
     # -- publishing ---------------------------------------------------------------------
 

@@ -21,6 +21,13 @@ safetensors checkpoint (default 128 MB in 4 shards), then measures in one run:
 Prints the medians and the throughput ratios (target: publish and fetch >= 0.5 x copy,
 broadcast >= 1 x copy).
     .venv/bin/python bench/weights.py [--mb 128] [--shards 4] [--repeats 3] [--json]
+
+``--swap`` instead measures the end-to-end swap per transport on a real vLLM replica (the
+tiny default model, or a random Qwen2 of ``--swap-params`` parameters): from the start of
+the learner's snapshot until the replica serves the version with its probe passed —
+``store`` (publish, announce, fetch, load, probe) and ``broadcast`` (broadcast into the
+engine's worker, load from its buffers, probe; the store is written meanwhile).
+    .venv/bin/python bench/weights.py --swap [--swap-params 100e6] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -159,6 +166,153 @@ def start_server(work: Path, run_id: str, chunk: int) -> tuple[subprocess.Popen[
     raise RuntimeError("weights server did not become ready")
 
 
+def end_to_end_swaps(model_dir: Path, url: str, repeats: int, work: Path) -> dict[str, float]:
+    """Median seconds from snapshot start to "served with the probe passed", per transport."""
+    from transformers import AutoModelForCausalLM
+
+    from asympo.config import Settings, StreamSettings
+    from asympo.engines.vllm_engine import VLLMEngine
+    from asympo.probe import make_probe, probe_tokens
+    from asympo.redis_conn import connect
+    from asympo.weight_broadcast import BroadcastHub, Layout
+    from services.learner.publisher import Snapshot, broadcast_sink, store_sink
+    from services.rollout.swap import WeightSwapper
+    from services.rollout.versions import BroadcastLink, VersionFollower
+    from services.weights.server import StreamAnnouncer, WeightsService
+
+    run_id = f"bench-swap-{uuid.uuid4().hex[:8]}"
+    settings = Settings(
+        streams=StreamSettings(run_id=run_id),
+        weights={"store_dir": str(work / "store"), "publish_token": TOKEN},  # type: ignore[arg-type]
+    )
+    key = settings.streams.key("weights")
+    announcer = StreamAnnouncer(lambda: connect(url), key, 1000)
+    svc = WeightsService(settings, announce=announcer, grpc_port=0, http_port=0).start()
+    client = WeightsClient(f"127.0.0.1:{svc.grpc_port}", token=TOKEN)
+    rclient = connect(url)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    engine = VLLMEngine(str(model_dir), dtype="float32", max_model_len=256, kv_cache_gib=0.5)
+    hub = BroadcastHub(Layout.of(model.state_dict()), 0, 60)
+    swapper = WeightSwapper(engine, -1, model_dir)
+    gen = torch.Generator().manual_seed(7)
+    buffers: dict[str, torch.Tensor] | None = None
+    version = 0
+    out: dict[str, float] = {}
+    threads: list[threading.Thread] = []
+    stop = threading.Event()
+    try:
+        for transport in ("store", "broadcast"):
+            link = (
+                BroadcastLink(engine, client, 60, rejoin_s=0.2)
+                if transport == "broadcast"
+                else None
+            )
+            follower = VersionFollower(
+                rclient, key, client, swapper, work / transport, 1e-3, None, link
+            )
+            swapper.fetch = follower.fetch
+            sink = store_sink(client)
+            if transport == "broadcast":
+
+                def register() -> None:
+                    client.register_broadcast("127.0.0.1", hub.port, hub.epoch)
+
+                sink = broadcast_sink(hub, register, sink)
+            stop = threading.Event()
+
+            def follow(f: VersionFollower = follower, halt: threading.Event = stop) -> None:
+                while not halt.is_set():
+                    f.step(block_ms=50)
+
+            thread = threading.Thread(target=follow, daemon=True)
+            thread.start()
+            threads.append(thread)
+            if transport == "broadcast":
+                register()
+                deadline = time.monotonic() + 120
+                while hub.members() < 1 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            totals: list[float] = []
+            for rep in range(repeats + 1):  # the first swap of each path is a warm-up
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.add_(0.02 * p.std() * torch.randn(p.shape, generator=gen))
+                start = time.perf_counter()
+                buffers = snapshot_state(model, buffers)
+                probe = make_probe(model, probe_tokens(model.config.vocab_size), 1e-3)
+                snap = Snapshot(version, buffers, probe)
+                publisher = threading.Thread(target=sink, args=(snap,))
+                publisher.start()
+                with swapper.changed:
+                    swapper.changed.wait_for(lambda v=version: swapper.version >= v, 300)
+                served = time.perf_counter() - start
+                publisher.join()
+                deadline = time.monotonic() + 10  # the follower records the outcome just after
+                while time.monotonic() < deadline and not (
+                    follower.outcomes and follower.outcomes[-1].version == version
+                ):
+                    time.sleep(0.01)
+                outcome = follower.outcomes[-1] if follower.outcomes else None
+                if outcome is None or (outcome.version, outcome.source) != (version, transport):
+                    raise RuntimeError(
+                        f"{transport} swap of version {version}: serving {swapper.version}, "
+                        f"{outcome}, follower alive: {thread.is_alive()}"
+                    )
+                if rep:
+                    totals.append(served)
+                print(f"  {transport:9s} v{version}: served {served:.3f} s after snapshot start")
+                version += 1
+            stop.set()
+            thread.join(30)
+            threads.remove(thread)
+            out[f"swap_{transport}_s"] = round(statistics.median(totals), 3)
+        out["parameters"] = sum(p.numel() for p in model.parameters())
+        out["swap_mb"] = round(sum(t.numel() * t.element_size() for t in buffers.values()) / 1e6, 1)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+        hub.close()
+        engine.close()
+        client.close()
+        svc.stop(grace=0.5)
+        for k in rclient.scan_iter(match=f"asympo:{run_id}:*"):
+            rclient.delete(k)
+        rclient.close()
+    return out
+
+
+def swap_main(args: argparse.Namespace) -> None:
+    """``--swap``: the end-to-end swap per transport."""
+    from contextlib import ExitStack
+
+    from rollout import build_random_qwen2, redis_url  # bench/rollout.py
+
+    from asympo.config import Settings
+    from asympo.model import ensure_default_model
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    load = os.getloadavg()[0]
+    with ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="asympo-bench-swap-")))
+        url = redis_url(stack, work)
+        model_dir = ensure_default_model(Settings())
+        if args.swap_params > 0:
+            built = build_random_qwen2(model_dir, work / "qwen2-random", args.swap_params)
+            print(f"random Qwen2, {built / 1e6:.1f} M parameters")
+            model_dir = work / "qwen2-random"
+        result = end_to_end_swaps(model_dir, url, args.repeats, work)
+    result["load_avg_1m_start"] = round(load, 2)
+    result["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
+    print(
+        f"end-to-end swap ({result['parameters'] / 1e6:.1f} M params, {result['swap_mb']} MB; "
+        f"snapshot start -> served, probe passed), median of {args.repeats}: "
+        f"store {result['swap_store_s']:.3f} s, broadcast {result['swap_broadcast_s']:.3f} s "
+        f"(load {result['load_avg_1m_start']} -> {result['load_avg_1m_end']})"
+    )
+    print(json.dumps(result))
+
+
 def main() -> None:
     """Run the benchmark and print its figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -167,7 +321,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk-kb", type=int, default=0, help="0 = weights.chunk_bytes default")
     parser.add_argument("--json", action="store_true", help="print only the JSON result")
+    parser.add_argument(
+        "--swap", action="store_true", help="end-to-end swap per transport on a vLLM replica"
+    )
+    parser.add_argument(
+        "--swap-params", type=float, default=0, help="--swap on a random Qwen2 this big (0 = tiny)"
+    )
     args = parser.parse_args()
+    if args.swap:
+        swap_main(args)
+        return
     chunk = args.chunk_kb * 1024 or WeightsSettings().chunk_bytes
     run_id = f"bench-{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory(prefix="asympo-bench-weights-") as tmp:

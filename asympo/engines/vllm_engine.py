@@ -18,6 +18,10 @@ The hot swap (``load_weights``):
    weights are dropped, and running sequences are preempted and recomputed, so no
    token sampled after the swap attends to keys/values of the old weights.
 
+``load_broadcast`` is the same swap from weights the workers received over the
+learner's broadcast group (``join_broadcast``; asympo/weight_broadcast.py) instead of
+files: straight from the receive buffers into the model.
+
 ``probe_logprobs`` asks the engine itself for prompt log-probs, proving what it serves.
 """
 
@@ -33,7 +37,6 @@ from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
 from safetensors.torch import save_file
 
 from asympo.engines.base import (
@@ -45,6 +48,8 @@ from asympo.engines.base import (
     safetensors_files,
     validate_request,
 )
+from asympo.weight_broadcast import BroadcastState
+from asympo.weights_client import unshared_cpu_tensors
 
 T = TypeVar("T")
 
@@ -277,6 +282,31 @@ class VLLMEngine(TokenizerText):
             raise EngineError(f"no weights were loaded from {directory}")
         await self._llm.reset_prefix_cache(reset_running_requests=True)
 
+    # -- the direct broadcast path (asympo/weight_broadcast.py) --------------------------
+
+    def join_broadcast(self, host: str, port: int, timeout_s: float) -> None:
+        """Every worker joins the learner's broadcast group at ``host:port`` (a fresh
+        membership; the join completes in the background, see :meth:`broadcast_state`)."""
+        self._run(self._llm.collective_rpc("asympo_broadcast_join", args=(host, port, timeout_s)))
+
+    def broadcast_state(self) -> BroadcastState:
+        """The workers' membership and the version staged in them."""
+        reports = self._run(self._llm.collective_rpc("asympo_broadcast_state"))
+        return BroadcastState.of_workers(list(reports))
+
+    def load_broadcast(self, version: int) -> None:
+        """Hot-swap to the broadcast ``version`` staged in the workers (then the prefix-cache
+        reset of every swap); EngineError when a worker no longer holds it."""
+        with self._weights_lock:
+            self._run(self._swap_broadcast(version))
+
+    async def _swap_broadcast(self, version: int) -> None:
+        counts = await self._llm.collective_rpc("asympo_broadcast_load", args=(version,))
+        # Reset even after a failure: a worker may have loaded part of the weights.
+        await self._llm.reset_prefix_cache(reset_running_requests=True)
+        if not counts or min(counts) <= 0:
+            raise EngineError(f"broadcast version {version} is no longer staged in every worker")
+
     def probe_logprobs(self, tokens: Sequence[int]) -> list[float]:
         """``log p(tokens[i+1] | tokens[:i+1])`` from vLLM's own prompt log-probs."""
         if len(tokens) < 2:
@@ -352,19 +382,3 @@ def in_process_worker() -> None:
     inherits it). An explicit setting in the environment wins.
     """
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-
-
-def unshared_cpu_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous CPU copies of ``state`` in which no two names share memory.
-
-    safetensors refuses shared storage (a tied ``lm_head`` and ``embed_tokens``); the
-    model's own loader skips a tied duplicate, so a separate copy is harmless.
-    """
-    out: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, int]] = set()
-    for name, tensor in state.items():
-        t = tensor.detach().to("cpu").contiguous()
-        key = (t.untyped_storage().data_ptr(), int(t.storage_offset()))
-        out[name] = t.clone() if key in seen else t
-        seen.add(key)
-    return out

@@ -2,7 +2,11 @@
 
 vLLM is started with ``worker_extension_cls`` pointing at ``WeightSwapExtension``, so
 every worker gains the methods below; the engine calls them by name through
-``collective_rpc`` (only a path string crosses the process boundary, never a pickle).
+``collective_rpc`` (only plain values cross the process boundary — a path, a version, a
+host and port — never a pickle). Weights arrive either as safetensors files
+(``asympo_load_weights``) or over the learner's broadcast group, received by this worker
+into host buffers and loaded from there (``asympo_broadcast_*``); both go through the
+same reload below.
 
 Why not a plain in-place copy into the parameters: on vLLM's CPU backend the linear
 layers are repacked at load time into kernel handles (oneDNN / sgl packed weights) and
@@ -31,6 +35,8 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+
+from asympo.weight_broadcast import BroadcastReceiver
 
 
 def iter_safetensors(directory: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -108,15 +114,17 @@ class WeightSwapExtension:
     """Mixed into vLLM's worker class; ``self`` is the worker."""
 
     model_runner: Any
+    asympo_receiver: BroadcastReceiver | None = None
 
-    def asympo_load_weights(self, directory: str) -> int:
-        """Load the checkpoint-format safetensors in ``directory``; returns tensors loaded."""
+    def _asympo_reload(self, tensors: Iterator[tuple[str, torch.Tensor]]) -> int:
+        """Reload the model from checkpoint-format ``tensors``, re-tie and re-pack; returns
+        how many tensors were loaded."""
         model = self.model_runner.get_model()
         ties = tied_weight_groups(model)
         loaded: set[str] = set()
 
         def recorded() -> Iterator[tuple[str, torch.Tensor]]:
-            for name, tensor in iter_safetensors(directory):
+            for name, tensor in tensors:
                 loaded.add(name)
                 yield name, tensor
 
@@ -126,6 +134,44 @@ class WeightSwapExtension:
             repack_kept_cpu_kernels(model)
         return len(loaded)
 
+    def asympo_load_weights(self, directory: str) -> int:
+        """Load the checkpoint-format safetensors in ``directory``; returns tensors loaded."""
+        return self._asympo_reload(iter_safetensors(directory))
+
     def asympo_trim_memory(self) -> bool:
         """Return freed heap to the OS (see :func:`trim_heap`)."""
         return trim_heap()
+
+    # -- the direct broadcast path (asympo/weight_broadcast.py) ----------------------------
+
+    def asympo_broadcast_join(self, host: str, port: int, timeout_s: float) -> bool:
+        """Join the learner's broadcast group at ``host:port`` (in the background: the join
+        and every receive run on the receiver's thread, never in the engine's step)."""
+        self.asympo_receiver = BroadcastReceiver(host, port, timeout_s)
+        return True
+
+    def asympo_broadcast_state(self) -> dict[str, Any]:
+        """The membership and the staged version with its probe (plain values: they cross
+        vLLM's process boundary)."""
+        receiver = self.asympo_receiver
+        if receiver is None:
+            return {"joined": False, "alive": False, "error": "", "version": -1}
+        probe = receiver.probe
+        return {
+            "joined": receiver.joined.is_set(),
+            "alive": receiver.alive(),
+            "error": receiver.error,
+            "version": receiver.version,
+            "probe_tokens": list(probe.tokens) if probe else [],
+            "probe_logprobs": list(probe.logprobs) if probe else [],
+            "probe_tolerance": probe.tolerance if probe else 0.0,
+        }
+
+    def asympo_broadcast_load(self, version: int) -> int:
+        """Load the staged broadcast of ``version`` straight into the model (then the same
+        re-tie and re-pack as a load from files); 0 when it is no longer staged."""
+        receiver = self.asympo_receiver
+        if receiver is None:
+            return 0
+        with receiver.staged(version) as tensors:
+            return 0 if tensors is None else self._asympo_reload(tensors)

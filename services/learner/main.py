@@ -3,7 +3,9 @@
 Loads the policy (``model.path``, else the tiny default of ``asympo init-model``),
 resumes from the newest checkpoint in ``learner.checkpoint_dir`` if there is one,
 publishes version 0 (then every ``publish_every`` steps) to the weights service with
-the probe log-probs, writes one line per step to ``<run_dir>/metrics.jsonl`` and serves
+the probe log-probs (with ``weights.transport=broadcast`` also straight into the rollout
+engines, see services/learner/publisher.py), writes one line per step to
+``<run_dir>/metrics.jsonl`` and serves
 ``/healthz`` ``/readyz`` ``/metrics`` on ``learner.http_port`` and the gRPC ``Learner``
 API (``Status``; ``Checkpoint`` with the service token) on ``learner.grpc_port``.
 On stop it checkpoints and saves the final model in Hugging Face format to
@@ -26,16 +28,38 @@ from asympo.run_log import METRICS_FILE, MetricsWriter
 from asympo.service import Service, configure_logging
 from asympo.tasks import task_from_settings
 from asympo.tracking import open_trackers
+from asympo.weight_broadcast import BroadcastHub, Layout
 from asympo.weights_client import WeightsClient
 from services.learner import metrics
 from services.learner.distributed import init_distributed
 from services.learner.learner import Learner, follow
 from services.learner.loop import TrainingLoop, finish
-from services.learner.publisher import BackgroundPublisher, store_sink
+from services.learner.publisher import (
+    BackgroundPublisher,
+    SnapshotSink,
+    broadcast_sink,
+    store_sink,
+)
 from services.learner.server import start_grpc
 from services.learner.sharding import is_sharded, wrap_model
 
 log = logging.getLogger("asympo.learner")
+
+
+def start_broadcast(
+    settings: Settings, svc: Service, client: WeightsClient, layout: Layout, store: SnapshotSink
+) -> SnapshotSink:
+    """Rank 0's broadcast hub, registered with the weights service; the sink that
+    broadcasts each version before ``store`` publishes it."""
+    cfg = settings.weights
+    hub = BroadcastHub(layout, cfg.broadcast_port, cfg.broadcast_timeout_s)
+    svc.closing(hub.close)
+
+    def register() -> None:
+        client.register_broadcast(cfg.broadcast_host, hub.port, hub.epoch)
+
+    log.info("broadcast hub at %s:%d", cfg.broadcast_host, hub.port)
+    return broadcast_sink(hub, register, store)
 
 
 def run(settings: Settings) -> None:
@@ -57,6 +81,7 @@ def run(settings: Settings) -> None:
             task = task_from_settings(settings.task, load_tokenizer(path), path)
             check_against_model(settings, path, task_prompts(settings, task))
         model = load_causal_lm(path, settings.model.dtype, str(info.device)).train()
+        layout = Layout.of(model.state_dict())  # what a snapshot holds, before any sharding
         tokenizer = load_tokenizer(path)
         pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         trained = wrap_model(
@@ -77,8 +102,11 @@ def run(settings: Settings) -> None:
         writer = MetricsWriter(Path(settings.run_dir) / METRICS_FILE, open_trackers(settings))
         svc.closing(writer.close)
         probe = probe_tokens(int(model.config.vocab_size))
+        sink = store_sink(client, {"loss": lc.loss.name})
+        if settings.weights.transport == "broadcast":
+            sink = start_broadcast(settings, svc, client, layout, sink)
         publisher = BackgroundPublisher(
-            store_sink(client, {"loss": lc.loss.name}),
+            sink,
             lambda m: make_probe(m, probe, settings.rollout.probe_tolerance),
         )
         svc.closing(publisher.close)

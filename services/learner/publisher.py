@@ -17,6 +17,11 @@ to a :data:`SnapshotSink` (write, hash, upload, wait for the store to verify it)
 * A sink failure (after the sink's own retries) is raised in the learner's thread at its
   next :meth:`submit` / :meth:`check`, so a learner never trains on while publishing died.
 
+Sinks: :func:`store_sink` publishes to the weights service; :func:`broadcast_sink`
+(``weights.transport=broadcast``) first sends the snapshot straight into the rollout
+engines over the broadcast group (asympo/weight_broadcast.py), then hands it to the
+store sink — the store still gets every version, for late joiners and as the fallback.
+
 :class:`InlinePublisher` adapts a plain ``publish(version, parent, model)`` function
 (tests, tools) to the same interface, published when it returns.
 """
@@ -33,6 +38,7 @@ from typing import Protocol
 import torch
 
 from asympo.v1 import records_pb2
+from asympo.weight_broadcast import BroadcastHub, ProbeData
 from asympo.weights_client import PublishRejected, WeightsClient, WeightsClientError
 from services.learner import metrics
 from services.learner.sharding import full_state_dict, is_sharded
@@ -329,5 +335,41 @@ def store_sink(
                     raise
                 log.warning("weights service not reachable (%s); retrying", exc)
             time.sleep(1.0)
+
+    return sink
+
+
+def probe_data(probe: records_pb2.Probe | None) -> ProbeData | None:
+    """The probe record as the broadcast carries it."""
+    if probe is None:
+        return None
+    return ProbeData(tuple(probe.tokens), tuple(probe.logprobs), probe.tolerance)
+
+
+def broadcast_sink(
+    hub: BroadcastHub, register: Callable[[], None], store: SnapshotSink
+) -> SnapshotSink:
+    """Broadcast each snapshot to the hub's members, then publish it through ``store``.
+
+    ``register`` tells the weights service where the hub is; it runs with every version,
+    so a restarted weights service learns it again. A broadcast that fails is logged and
+    left to the store path (the members it missed fall back to the store); only the
+    store's failure fails the publish.
+    """
+
+    def sink(snap: Snapshot) -> None:
+        start = time.monotonic()
+        try:
+            register()
+            reached = hub.send(snap.version, snap.state, probe_data(snap.probe))
+        except Exception as exc:  # the store path below still carries the version
+            log.warning("broadcast of version %d failed: %s", snap.version, exc)
+        else:
+            if reached:
+                log.info(
+                    "broadcast version %d to %d member(s) in %.3f s",
+                    *(snap.version, reached, time.monotonic() - start),
+                )
+        store(snap)
 
     return sink

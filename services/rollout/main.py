@@ -2,7 +2,8 @@
 
 Serves ``model.path`` (empty: the tiny default, built first if not cached) with the
 configured engine; two supervised loops (asympo.service) generate groups from the prompts
-stream and follow the weights stream; gRPC ``Rollout`` on ``rollout.grpc_port`` and HTTP
+stream and follow the weights stream (and, with ``weights.transport=broadcast``, the
+learner's broadcast group); gRPC ``Rollout`` on ``rollout.grpc_port`` and HTTP
 ``/healthz`` ``/readyz`` ``/metrics`` on ``rollout.http_port``.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import cast
 
 from asympo.config import Settings
 from asympo.engines import create_engine
@@ -23,7 +25,7 @@ from asympo.weights_client import WeightsClient
 from services.rollout import metrics
 from services.rollout.server import RolloutServicer
 from services.rollout.swap import WeightSwapper
-from services.rollout.versions import VersionFollower
+from services.rollout.versions import BroadcastEngine, BroadcastLink, VersionFollower
 from services.rollout.worker import RolloutWorker
 
 log = logging.getLogger("asympo.rollout")
@@ -31,6 +33,22 @@ log = logging.getLogger("asympo.rollout")
 # Before the learner's first publish the replica serves the configured model, unproven:
 # version -1, so that version 0 (with its probe) is swapped in and verified too.
 UNPUBLISHED_VERSION = -1
+
+
+def broadcast_link(
+    settings: Settings, engine: object, weights: WeightsClient
+) -> BroadcastLink | None:
+    """The membership in the learner's broadcast group, with ``weights.transport=broadcast``
+    and an engine that can receive one (vLLM); None otherwise (the store path only)."""
+    cfg = settings.weights
+    if cfg.transport != "broadcast":
+        return None
+    if not hasattr(engine, "join_broadcast"):
+        log.warning(
+            "weights.transport=broadcast needs the vllm engine; this replica uses the store"
+        )
+        return None
+    return BroadcastLink(cast(BroadcastEngine, engine), weights, cfg.broadcast_timeout_s)
 
 
 def run(settings: Settings) -> None:
@@ -46,7 +64,10 @@ def run(settings: Settings) -> None:
         weights = WeightsClient.from_settings(settings)
         svc.closing(weights.close)
         swapper = WeightSwapper(engine, UNPUBLISHED_VERSION, Path(model))
-        follower = VersionFollower.from_settings(settings, client, weights, swapper)
+        follower = VersionFollower.from_settings(
+            settings, client, weights, swapper, broadcast_link(settings, engine, weights)
+        )
+        swapper.fetch = follower.fetch  # a rollback after a broadcast version needs its files
         worker = RolloutWorker(settings, client, engine, swapper)
         grpc_server = GrpcServer(
             GrpcOptions.from_settings(settings, cfg.host, cfg.grpc_port),

@@ -1,8 +1,11 @@
 """The weights service: gRPC Publish / Fetch / Latest / Watch over a :class:`WeightStore`.
 
-Publish needs ``authorization: Bearer <weights.publish_token>``; everything else is
-read-only. Each new version is announced on Watch streams and, when Redis is
-configured, on the run's weights stream as a ``VersionAnnouncement``.
+Publish (and RegisterBroadcast) need ``authorization: Bearer <weights.publish_token>``;
+everything else is read-only. RegisterBroadcast / GetBroadcast are the rendezvous of the
+direct path (``weights.transport=broadcast``, asympo/weight_broadcast.py): the learner
+says where its broadcast group is, a starting rollout replica asks. Each new version is
+announced on Watch streams and, when Redis is configured, on the run's weights stream as
+a ``VersionAnnouncement``.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ log = logging.getLogger("asympo.weights")
 
 SERVICE_NAME = "asympo.v1.Weights"
 PUBLISH_METHOD = f"/{SERVICE_NAME}/Publish"
+REGISTER_BROADCAST_METHOD = f"/{SERVICE_NAME}/RegisterBroadcast"
 # Room for the ShardData envelope (shard name, offset) inside one gRPC message.
 _ENVELOPE_BYTES = 64 * 1024
 MAX_WATCHERS = 64
@@ -81,6 +85,7 @@ class WeightsServicer(weights_pb2_grpc.WeightsServicer):
         self.stopping = threading.Event()
         self._watchers = 0
         self._watchers_lock = threading.Lock()
+        self._broadcast: weights_pb2.BroadcastEndpoint | None = None
 
     # -- Publish ------------------------------------------------------------------------
 
@@ -238,6 +243,37 @@ class WeightsServicer(weights_pb2_grpc.WeightsServicer):
                 self._watchers -= 1
                 metrics.WATCHERS.set(self._watchers)
 
+    # -- the direct broadcast's rendezvous ----------------------------------------------
+
+    def RegisterBroadcast(
+        self, request: weights_pb2.BroadcastEndpoint, context: grpc.ServicerContext
+    ) -> weights_pb2.BroadcastEndpoint:
+        """Remember where the learner's broadcast group is joined (the newest one wins)."""
+        if not request.host or len(request.host) > 255 or not 1 <= request.port <= 65535:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"a broadcast endpoint needs a host and a port in [1, 65535], got "
+                f"{request.host[:64]!r}:{request.port}",
+            )
+        if len(request.epoch) > 128:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "epoch too long")
+        if self._broadcast != request:
+            log.info(
+                "broadcast group at %s:%d (epoch %s)", request.host, request.port, request.epoch
+            )
+        self._broadcast = request
+        return request
+
+    def GetBroadcast(
+        self, request: weights_pb2.BroadcastEndpointRequest, context: grpc.ServicerContext
+    ) -> weights_pb2.BroadcastEndpoint:
+        """The registered broadcast endpoint; NOT_FOUND while none is."""
+        endpoint = self._broadcast
+        if endpoint is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, "no learner has registered a broadcast group")
+            raise AssertionError("unreachable: abort raises")
+        return endpoint
+
 
 class StreamAnnouncer:
     """Writes announcements to the run's weights stream; connects lazily, so a Redis
@@ -296,7 +332,7 @@ class WeightsService:
                 max_workers=MAX_WATCHERS + 32,
             ),
             token=cfg.publish_token.get_secret_value(),
-            protected_methods={PUBLISH_METHOD},
+            protected_methods={PUBLISH_METHOD, REGISTER_BROADCAST_METHOD},
             services=[SERVICE_NAME],
         )
         weights_pb2_grpc.add_WeightsServicer_to_server(self.servicer, self.grpc.server)

@@ -34,6 +34,7 @@ from asympo.weights_client import (
     PARTIAL_MANIFEST_NAME,
     PublishRejected,
     WeightsClient,
+    WeightsClientError,
     WeightsIntegrityError,
     WeightsNotFound,
     build_manifest,
@@ -318,6 +319,25 @@ def test_unauthorised_publish_rejected(service: WeightsService, tmp_path: Path) 
         assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
         assert message in str(err.value)
     assert service.store.versions() == []
+
+
+def test_broadcast_rendezvous_needs_the_token_and_keeps_the_newest(
+    service: WeightsService, client: WeightsClient
+) -> None:
+    target = f"127.0.0.1:{service.grpc_port}"
+    assert client.broadcast_endpoint() is None  # no learner has registered yet
+    with WeightsClient(target, token="wrong") as intruder, pytest.raises(WeightsClientError) as e:
+        intruder.register_broadcast("10.0.0.9", 29600, "evil")
+    assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert client.broadcast_endpoint() is None
+    client.register_broadcast("10.0.0.1", 29600, "first")
+    client.register_broadcast("10.0.0.2", 29601, "second")  # a restarted learner
+    endpoint = client.broadcast_endpoint()
+    assert endpoint is not None
+    assert (endpoint.host, endpoint.port, endpoint.epoch) == ("10.0.0.2", 29601, "second")
+    with pytest.raises(WeightsClientError) as e:
+        client.register_broadcast("", 0, "bad")
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_retention_spares_pinned_and_in_use_versions(

@@ -33,6 +33,7 @@ def test_list_override_and_string_kept(monkeypatch: pytest.MonkeyPatch) -> None:
         (["learner.nope=1"], "learner.nope"),
         (["lr"], "section.key=value"),
         (["streams.run_id=a b"], "streams.run_id"),
+        (["weights.transport=nccl"], "weights.transport"),
     ],
 )
 def test_bad_values_give_readable_errors(overrides: list[str], needle: str) -> None:

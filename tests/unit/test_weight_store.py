@@ -249,3 +249,20 @@ def test_safetensors_parts_read_back_bit_for_bit_in_every_dtype() -> None:
         assert torch.equal(back[name], t), name
     # Same tensors through safetensors' own writer read back the same.
     assert all(torch.equal(load(save(tensors))[k], back[k]) for k in tensors)
+
+
+def test_unshared_cpu_tensors_copies_tied_names_and_views_at_other_offsets() -> None:
+    from safetensors.torch import load
+
+    from asympo.weights_client import unshared_cpu_tensors
+
+    embed = torch.randn(6, 4)
+    packed = torch.randn(8, 4)  # e.g. a fused q/k projection seen as two views
+    state = {"embed": embed, "lm_head": embed, "q": packed[:4], "k": packed[4:]}
+    out = unshared_cpu_tensors(state)
+    storages = {t.untyped_storage().data_ptr() for t in out.values()}
+    # No two names share memory any more (keyed on the offset, "k" kept "q"'s storage).
+    assert len(storages) == len(state)
+    assert all(torch.equal(out[k], v) for k, v in state.items())
+    back = load(save(out))  # safetensors refuses the tied pair as given
+    assert all(torch.equal(back[k], v) for k, v in state.items())
