@@ -173,6 +173,13 @@ class LearnerSettings(Section):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
+    lr_decay_steps: int = Field(
+        0,
+        ge=0,
+        description="cosine decay of the learning rate over this many steps after the "
+        "warm-up, down to min_lr_ratio x lr, then held (0 = constant)",
+    )
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the decay's floor, x lr")
     grad_clip: float = Field(1.0, ge=0, description="max gradient norm (0 = no clipping)")
     groups_per_step: int = Field(8, ge=1)
     micro_batch: int = Field(32, ge=1, description="most sequences per forward/backward")

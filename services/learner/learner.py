@@ -17,6 +17,7 @@ Delivery semantics (what makes resume exact):
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import queue
@@ -101,15 +102,26 @@ def step_config(settings: Settings) -> StepConfig:
 def make_optimizer(
     model: torch.nn.Module, settings: Settings
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW with a linear warm-up of ``warmup_steps`` then a constant rate."""
+    """AdamW with the learning-rate schedule of :func:`lr_factor`."""
     lc = settings.learner
     optimizer = torch.optim.AdamW(model.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
-    warmup = lc.warmup_steps
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_factor, lc.warmup_steps, lc.lr_decay_steps, lc.min_lr_ratio)
+    )
 
-    def factor(step: int) -> float:
-        return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def lr_factor(warmup: int, decay: int, floor: float, step: int) -> float:
+    """The multiple of ``learner.lr`` used at optimiser step ``step`` (0-based).
+
+    A linear warm-up over ``warmup`` steps, then a cosine from 1 down to ``floor`` over
+    ``decay`` steps, then ``floor`` (``decay`` = 0: constant 1 after the warm-up).
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    if decay <= 0:
+        return 1.0
+    t = min(step - warmup, decay) / decay
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 class Learner:
