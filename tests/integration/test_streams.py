@@ -28,14 +28,13 @@ from asympo.streams import (
     Consumer,
     Delivery,
     Producer,
-    _count_after,
-    claim_once,
     decode,
     lag,
     produce_and_ack,
     produce_and_ack_many,
     stream_metrics,
 )
+from asympo.streams.metrics import _count_after
 from asympo.v1 import records_pb2
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -510,13 +509,6 @@ def test_produce_and_ack_many_is_one_round_trip_of_atomic_commits(
     assert [r.ids[0] for r in results if r.ids] == [i.decode() for i, _ in redis_client.xrange(out)]
     assert redis_client.xpending(src, "g")["pending"] == 0
     assert produce_and_ack_many([], consumer) == []
-
-
-def test_claim_once(redis_client: redis.Redis, key_prefix: str) -> None:
-    key = f"{key_prefix}once:x"
-    assert claim_once(redis_client, key, ttl_s=60)
-    assert not claim_once(redis_client, key, ttl_s=60)
-    assert 0 < redis_client.pttl(key) <= 60_000
 
 
 # --------------------------------------------------------------------------- connection
