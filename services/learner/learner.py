@@ -6,13 +6,14 @@ Delivery semantics (what makes resume exact):
   that contains their effect is on disk; then they are acked. The checkpoint lists
   those entry ids too, so a crash between "checkpoint written" and "acked" is repaired
   at restart by acking them again.
-* A restarted learner first re-reads its own pending entries (XREADGROUP from 0), in
-  stream order, then new ones: groups trained after the last checkpoint are trained
-  again from the checkpointed weights, in the same order, so the run continues at the
-  same version exactly as if it had never stopped, and no acked group is trained twice.
-* Entries the learner holds are re-claimed (XCLAIM JUSTID) while it holds them, so a
-  slow step never lets them look abandoned; re-deliveries of held entries and groups
-  whose id was already trained are skipped.
+* A restarted learner first re-reads its own pending entries (``read_pending``,
+  decoded and size-checked like every read), in stream order, then new ones: groups
+  trained after the last checkpoint are trained again from the checkpointed weights, in
+  the same order, so the run continues at the same version exactly as if it had never
+  stopped, and no acked group is trained twice.
+* The learner renews its leases on the entries it holds (``renew_due``) while it
+  holds them, so a slow step never lets them look abandoned; re-deliveries of held
+  entries and groups whose id was already trained are skipped.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import redis
 import torch
@@ -34,7 +35,7 @@ import torch
 from asympo.config import Settings
 from asympo.probe import probe_logprobs, probe_tokens
 from asympo.run_log import MetricsWriter
-from asympo.streams import Consumer, DecodeFailure, Delivery, decode
+from asympo.streams import Consumer, Delivery
 from asympo.tasks import Task
 from asympo.training import (
     StepConfig,
@@ -182,7 +183,6 @@ class Learner:
         self.publish_blocked_s = 0.0  # the training loop's blocked time in the last publish
         self._checkpoint_s_since_record = 0.0  # goes into the next step's record
         self._first_publish_done = False
-        self._last_touch = 0.0
         self.last_record: dict[str, Any] = {}
         self._checkpoint_requests: queue.SimpleQueue[Future[str]] = queue.SimpleQueue()
         self._resume()
@@ -203,36 +203,9 @@ class Learner:
         self.submitted_version = self.published_version
         if self.publisher is not None:
             self.publisher.resumed(self.published_version)
-        self._read_own_pending()
+        for delivery in self.consumer.read_pending():  # what we held before a restart
+            self._accept(delivery)
         metrics.POLICY_VERSION.set(self.version)
-
-    def _read_own_pending(self) -> None:
-        """Take back what this consumer read before a restart and never acked."""
-        start = "0"
-        while True:
-            reply = self.redis.xreadgroup(
-                CONSUMER_GROUP,
-                self.consumer.consumer,
-                {self.consumer.stream_key: start},
-                count=256,
-            )
-            entries = cast("list[Any]", reply or [])
-            rows = entries[0][1] if entries else []
-            if not rows:
-                return
-            for raw_id, fields in rows:
-                entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
-                start = entry_id
-                if not fields:  # trimmed away while pending
-                    self.consumer.ack(entry_id)
-                    continue
-                try:
-                    msg = decode(fields, records_pb2.ScoredGroup)
-                except DecodeFailure as exc:
-                    log.warning("pending entry %s no longer decodes (%s); acking it", entry_id, exc)
-                    self.consumer.ack(entry_id)
-                    continue
-                self._accept(Delivery(entry_id, msg, 2, self.consumer.stream_key))
 
     # -- intake -------------------------------------------------------------------------
 
@@ -260,24 +233,6 @@ class Learner:
         correct = sum(1 for s in delivery.msg.scores if s.correct)
         self.held_ids.add(delivery.entry_id)
         self.buffer.append(Held(delivery, group, correct))
-
-    def _touch_held(self) -> None:
-        """Reset the idle time of held entries so nobody reclaims them from us."""
-        now = time.monotonic()
-        if (
-            not self.held_ids
-            or now - self._last_touch < self.settings.streams.reclaim_idle_ms / 4000
-        ):
-            return
-        self._last_touch = now
-        self.redis.xclaim(
-            self.consumer.stream_key,
-            CONSUMER_GROUP,
-            self.consumer.consumer,
-            min_idle_time=0,
-            message_ids=cast("list[Any]", sorted(self.held_ids)),
-            justid=True,
-        )
 
     def admit(self) -> int:
         """Admit the prompts the staleness bound allows now.
@@ -324,7 +279,7 @@ class Learner:
             if self.stop_event.is_set() or (deadline is not None and time.monotonic() > deadline):
                 self.buffer[:0] = batch  # keep order for the next attempt
                 return None
-            self._touch_held()
+            self.consumer.renew_due(self.held_ids)  # nobody may reclaim them from us
             if self.publisher is not None:
                 before = self.published_version
                 self._refresh_published()

@@ -13,15 +13,12 @@ reason; a wrong answer is reward 0 and a verifier time-out is reward 0 with
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import redis
 
@@ -131,7 +128,9 @@ class RewardWorker:
             runnable.append(delivery)
             reference = group.prompt.reference_answer
             items += [(verifier, s.completion_text, reference) for s in group.samples]
-        with self._holding(runnable):
+        # Scoring a batch can outlast streams.reclaim_idle_ms (many samples, slow
+        # verifiers): without its leases, live work would be verified twice.
+        with self.rollouts.holding(runnable):
             verdicts = score_items(self.pool, items)
         offset = 0
         for delivery in runnable:
@@ -139,42 +138,6 @@ class RewardWorker:
             self._commit(delivery, verdicts[offset : offset + count], result)
             offset += count
         return result
-
-    @contextlib.contextmanager
-    def _holding(self, deliveries: Sequence[Delivery[records_pb2.RolloutGroup]]) -> Iterator[None]:
-        """While the body runs, keep resetting the entries' idle time (XCLAIM JUSTID).
-
-        Scoring a batch can take longer than ``streams.reclaim_idle_ms`` (many samples,
-        slow verifiers); without this, live work would be reclaimed by another worker
-        and verified twice (the once-marker would still keep the output single).
-        """
-        ids: list[Any] = [d.entry_id for d in deliveries]
-        stop = threading.Event()
-        interval_s = self.settings.streams.reclaim_idle_ms / 3000.0
-
-        def touch() -> None:
-            while not stop.wait(interval_s):
-                try:
-                    self.redis.xclaim(
-                        self.rollouts.stream_key,
-                        self.rollouts.group,
-                        self.rollouts.consumer,
-                        min_idle_time=0,
-                        message_ids=ids,
-                        justid=True,
-                    )
-                except redis.RedisError as exc:
-                    log.warning("could not refresh in-flight groups: %s", exc)
-
-        keeper = threading.Thread(target=touch, name="reward-hold", daemon=True)
-        if ids:
-            keeper.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            if ids:
-                keeper.join()
 
     def _skip_already_scored(
         self, deliveries: Sequence[Delivery[records_pb2.RolloutGroup]], result: StepResult

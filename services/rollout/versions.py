@@ -1,10 +1,10 @@
 """Follow the weights stream and swap each newer version into the engine.
 
-Every replica reads the whole weights stream (plain XREAD, no consumer group: each
-announcement is for everyone). A version is fetched and verified (BLAKE3) by the
-weights client — or, with ``rollout.shared_store_dir`` set, opened in place in the
-store (see :func:`asympo.weights_client.open_shared`) — then offered to the swapper,
-which proves it with the probe or refuses it.
+Every replica reads the whole weights stream (a :class:`asympo.streams.Subscriber`: no
+consumer group, each announcement is for everyone). A version is fetched and verified
+(BLAKE3) by the weights client — or, with ``rollout.shared_store_dir`` set, opened in
+place in the store (see :func:`asympo.weights_client.open_shared`) — then offered to the
+swapper, which proves it with the probe or refuses it.
 
 With ``weights.transport=broadcast`` (:class:`BroadcastLink`) the engine's workers are
 also members of the learner's broadcast group: a version they received is offered
@@ -20,12 +20,12 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Protocol
 
 import redis
 
 from asympo.config import Settings
-from asympo.streams import DecodeFailure, decode
+from asympo.streams import Subscriber
 from asympo.v1 import records_pb2
 from asympo.weight_broadcast import BroadcastState
 from asympo.weights_client import WeightsClient, WeightsClientError, open_shared, prune_local
@@ -106,9 +106,11 @@ class VersionFollower:
         tolerance: float,
         shared_store_dir: Path | None = None,
         broadcast: BroadcastLink | None = None,
+        max_entry_bytes: int | None = None,
     ) -> None:
-        self.redis = client
-        self.stream_key = stream_key
+        self.announcements = Subscriber(
+            client, stream_key, records_pb2.VersionAnnouncement, max_entry_bytes
+        )
         self.weights = weights
         self.swapper = swapper
         self.work_dir = work_dir
@@ -120,7 +122,6 @@ class VersionFollower:
         self.stop_event = threading.Event()
         self.outcomes: list[SwapOutcome] = []
         self._caught_up = False
-        self._last_id = "0-0"
 
     @classmethod
     def from_settings(
@@ -141,6 +142,7 @@ class VersionFollower:
             settings.rollout.probe_tolerance,
             Path(settings.rollout.shared_store_dir) if settings.rollout.shared_store_dir else None,
             broadcast,
+            settings.streams.max_entry_bytes,
         )
 
     def fetch(self, version: int) -> Path:
@@ -221,17 +223,8 @@ class VersionFollower:
         if self.broadcast is not None:
             self.apply_broadcast()
             block_ms = min(block_ms, BROADCAST_POLL_MS)
-        reply = self.redis.xread({self.stream_key: self._last_id}, count=64, block=block_ms)
-        newest = -1
-        for _key, entries in cast(list[Any], reply or []):
-            for entry_id, fields in entries:
-                self._last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                try:
-                    ann = decode(dict(fields), records_pb2.VersionAnnouncement)
-                except DecodeFailure as exc:
-                    log.error("undecodable weights announcement %s: %s", self._last_id, exc)
-                    continue
-                newest = max(newest, ann.version)
+        announced = self.announcements.read(count=64, block_ms=block_ms)
+        newest = max((entry.msg.version for entry in announced), default=-1)
         if newest > self.swapper.version:
             if self.broadcast is not None:
                 self.apply_broadcast()  # the broadcast usually brought it already

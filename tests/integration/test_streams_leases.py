@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, cast
 
 import redis
@@ -161,6 +162,38 @@ def test_read_pending_decodes_like_read_and_dead_letters_what_fails(
     reasons = [letter.reason.split(":")[0] for letter in dead_letters(redis_client, stream)]
     assert reasons == [REASON_WRONG_TYPE, REASON_TOO_LARGE, REASON_WRONG_TYPE]
     assert [d.msg.seq for d in restarted.read_pending()] == [0, 2]  # the failed ones: acked
+
+
+def test_a_restarted_learner_refuses_an_oversize_pending_entry(
+    redis_client: redis.Redis, run_id: str, key_prefix: str, tmp_path: Path
+) -> None:
+    from services.learner.learner import CONSUMER_GROUP, Learner
+    from tests.integration.test_learner import scored_group, settings_for
+    from tests.unit.test_learner_step import tiny_model
+
+    settings = settings_for(run_id, tmp_path / "ckpt")
+    streams = settings.streams
+    key = streams.key(streams.scored)
+    producer = Producer(redis_client, key, records_pb2.ScoredGroup)
+    small = scored_group(run_id, 0, version=0)
+    big = scored_group(run_id, 1, version=0)
+    big.rollout.prompt.prompt_text = "x" * 4096
+    ids = producer.send_many([small, big])
+    # The learner before the restart read both (under a larger max_entry_bytes).
+    redis_client.xgroup_create(key, CONSUMER_GROUP, id="0")
+    redis_client.xreadgroup(CONSUMER_GROUP, "learner-0", {key: ">"})
+    limit = len(small.SerializeToString()) + 100
+    assert len(big.SerializeToString()) > limit
+
+    settings = settings.model_copy(
+        update={"streams": streams.model_copy(update={"max_entry_bytes": limit})}
+    )
+    learner = Learner(settings, redis_client, tiny_model())
+    assert [h.delivery.entry_id for h in learner.buffer] == [ids[0]]
+    assert learner.held_ids == {ids[0]}
+    letters = [decode(f, records_pb2.DeadLetter) for _, f in redis_client.xrange(
+        streams.key(streams.dead_letter))]  # fmt: skip
+    assert [(d.origin_id, d.reason.split(":")[0]) for d in letters] == [(ids[1], REASON_TOO_LARGE)]
 
 
 # --------------------------------------------------------------------------- subscriber
