@@ -416,7 +416,8 @@ class Consumer(Generic[M]):
         A background thread renews them every ``renew_every_s``, for work that may outlast
         ``reclaim_idle_ms`` (e.g. verifying a large batch): without it, live work would be
         reclaimed and processed again by another consumer. A failed renewal is logged and
-        retried at the next interval, never raised into the body.
+        retried at the next interval, never raised into the body. The thread only uses
+        the (thread-safe) Redis client, so the body may go on using this consumer.
         """
         ids = entry_ids(deliveries)
         if not ids:
