@@ -1,7 +1,8 @@
 """The main job learns: a shortened `make demo` rises past the evaluation's noise.
 
-The demo's own settings (32 prompts x 8 samples, the shipped warm start, every other
-default) for 60 of its 120 steps, as one `asympo up` run of every service. The held-out
+The demo's own settings (32 prompts x 8 samples, cosine learning-rate decay over the run,
+the shipped warm start, every other default) for 60 steps instead of its 120, as one
+`asympo up` run of every service. The held-out
 accuracy after training must have its Wilson 95 % interval above the start: a system that
 trains nothing, trains on the wrong sign, or collapses stays inside it or falls below.
 """
@@ -35,6 +36,7 @@ def test_shortened_demo_rises_beyond_the_noise_of_its_start(
         "--steps", str(STEPS), "--run-id", run_id, "--no-live", "--max-wall", "1200",
         "--set", f"run_dir={run_dir}",
         "--set", "learner.groups_per_step=32",  # the demo's batch (Makefile DEMO_ARGS)
+        "--set", f"learner.lr_decay_steps={STEPS}",  # its schedule, over this run's length
         "--set", f"task.eval_size={EVAL_SIZE}",
         "--set", "learner.eval_every=20",
     ]  # fmt: skip
