@@ -173,6 +173,11 @@ class LearnerSettings(Section):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
+    prefetch: bool = Field(
+        True,
+        description="read and decode the next scored groups on a thread of their own "
+        "while a step trains (asympo serve learner)",
+    )
     lr_decay_steps: int = Field(
         0,
         ge=0,

@@ -66,6 +66,7 @@ from services.learner.distributed import (
     send_command,
     shard,
 )
+from services.learner.prefetch import Prefetcher
 from services.learner.publisher import InlinePublisher, PublishFn, VersionPublisher
 from services.learner.records import group_from_scored
 from services.learner.sharding import full_state_dict, is_sharded
@@ -182,6 +183,8 @@ class Learner:
         self.submitted_version = -1  # newest version handed to the publisher
         self.publish_blocked_s = 0.0  # the training loop's blocked time in the last publish
         self._checkpoint_s_since_record = 0.0  # goes into the next step's record
+        # Set by the service (learner.prefetch): reads the stream on its own thread.
+        self.prefetcher: Prefetcher | None = None
         self._first_publish_done = False
         self.last_record: dict[str, Any] = {}
         self._checkpoint_requests: queue.SimpleQueue[Future[str]] = queue.SimpleQueue()
@@ -285,8 +288,14 @@ class Learner:
                 self._refresh_published()
                 if self.published_version != before:
                     self.admit()  # a newly published version opens the admission window
-            for delivery in self.consumer.read(count=self.lc.groups_per_step, block_ms=200):
+            for delivery in self._next_deliveries():
                 self._accept(delivery)
+
+    def _next_deliveries(self) -> list[Delivery[records_pb2.ScoredGroup]]:
+        """What the prefetch thread read meanwhile, or else a read of our own (<= 200 ms)."""
+        if self.prefetcher is not None:
+            return self.prefetcher.take(timeout_s=0.2)
+        return self.consumer.read(count=self.lc.groups_per_step, block_ms=200)
 
     # -- one step -----------------------------------------------------------------------
 

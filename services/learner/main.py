@@ -34,6 +34,7 @@ from services.learner import metrics
 from services.learner.distributed import init_distributed
 from services.learner.learner import Learner, follow
 from services.learner.loop import TrainingLoop, finish
+from services.learner.prefetch import Prefetcher
 from services.learner.publisher import (
     BackgroundPublisher,
     SnapshotSink,
@@ -120,6 +121,11 @@ def run(settings: Settings) -> None:
             pad_id=pad_id,
             dist_info=info,
         )
+        if lc.prefetch:
+            learner.prefetcher = Prefetcher(
+                learner.consumer, lc.groups_per_step, max_queued=2 * lc.groups_per_step
+            )
+            svc.loop("learner-intake", learner.prefetcher.step)
         grpc_server = start_grpc(settings, learner)
         svc.closing(lambda: grpc_server.stop(grace=1.0))
         svc.http(metrics.REGISTRY, settings, lc.host, lc.http_port)
