@@ -134,6 +134,10 @@ class RolloutSettings(Section):
     grpc_port: int = Field(50053, ge=1, le=65535)
     http_port: int = Field(8083, ge=1, le=65535)
     engine: Literal["vllm", "transformers"] = "vllm"
+    seed: int = Field(0, description="the engine's sampling seed (eval uses it too)")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="the transformers engine's device (vLLM picks its own)"
+    )
     replica: str = ""
     max_inflight_prompts: int = Field(16, ge=1)
     probe_tolerance: float = Field(1e-3, gt=0)

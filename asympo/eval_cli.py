@@ -186,7 +186,7 @@ def run_eval(
             plugins=settings.reward.plugins,
         ) as pool:
             generate = engine_generate_fn(
-                engine, settings.sampling.max_tokens, settings.sampling.stop, settings.learner.seed
+                engine, settings.sampling.max_tokens, settings.sampling.stop, settings.rollout.seed
             )
             for name, task in zip(names, tasks, strict=True):
                 started, timeouts_before = time.monotonic(), pool.timeouts

@@ -60,7 +60,7 @@ def create_engine(settings: Settings, model: str, max_model_len: int | None = No
             kv_cache_gib=settings.rollout.kv_cache_gib,
             gpu_memory_utilization=settings.rollout.gpu_memory_utilization,
             max_num_seqs=max(64, settings.rollout.max_inflight_prompts * 8),
-            seed=settings.learner.seed,
+            seed=settings.rollout.seed,
             enforce_eager=None if settings.rollout.cuda_graphs else True,
             tensor_parallel_size=settings.rollout.tensor_parallel_size,
             enable_prefix_caching=settings.rollout.enable_prefix_caching,
@@ -68,7 +68,11 @@ def create_engine(settings: Settings, model: str, max_model_len: int | None = No
         )
     from asympo.engines.hf_engine import HFEngine
 
-    device = "cuda" if settings.learner.device == "auto" and _cuda() else "cpu"
+    device = settings.rollout.device
+    if device == "auto":
+        device = "cuda" if _cuda() else "cpu"
+    elif device == "cuda" and not _cuda():
+        raise EngineError("rollout.device=cuda, but torch sees no CUDA device")
     return HFEngine(model, dtype=settings.rollout.dtype or settings.model.dtype, device=device)
 
 

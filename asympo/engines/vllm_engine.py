@@ -60,7 +60,7 @@ WORKER_EXTENSION = "asympo.engines.vllm_worker.WeightSwapExtension"
 RESERVED_ENGINE_ARGS = {
     "model": "model.path",
     "dtype": "model.dtype",
-    "seed": "learner.seed",
+    "seed": "rollout.seed",
     "tensor_parallel_size": "rollout.tensor_parallel_size",
     "max_model_len": "rollout.max_model_len",
     "enable_prefix_caching": "rollout.enable_prefix_caching",

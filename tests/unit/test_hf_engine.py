@@ -99,7 +99,25 @@ def test_create_engine_builds_the_configured_backend(model_dir: Path) -> None:
     from asympo.config import load_settings
     from asympo.engines import create_engine
 
-    settings = load_settings(None, ["rollout.engine=transformers", "learner.device=cpu"])
+    settings = load_settings(None, ["rollout.engine=transformers", "rollout.device=cpu"])
     engine = create_engine(settings, str(model_dir))
     assert isinstance(engine, HFEngine) and engine.name == "transformers"
     assert engine.decode(engine.encode("7+8=15")) == "7+8=15"
+    assert str(engine.device) == "cpu"
+
+
+def test_the_engine_takes_its_device_from_rollout_not_learner(model_dir: Path) -> None:
+    import torch
+
+    from asympo.config import load_settings
+    from asympo.engines import EngineError, create_engine
+
+    # The learner's device is the learner's: rollout may run on another node.
+    settings = load_settings(None, ["rollout.engine=transformers", "learner.device=cuda"])
+    assert str(create_engine(settings, str(model_dir)).device) == (  # type: ignore[attr-defined]
+        "cuda" if torch.cuda.is_available() else "cpu"
+    )
+    if not torch.cuda.is_available():
+        cuda = load_settings(None, ["rollout.engine=transformers", "rollout.device=cuda"])
+        with pytest.raises(EngineError, match=r"rollout\.device=cuda"):
+            create_engine(cuda, str(model_dir))
