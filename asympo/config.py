@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import yaml
 from pydantic import (
@@ -45,6 +46,31 @@ class RedisSettings(Section):
 
     url: str = Field("", description="redis://, rediss://, or unix:// URL; REDIS_URL also works")
     embedded_dir: str = Field(".cache/redis", description="data dir of the embedded server")
+    username: str = Field(
+        "", description="ACL user (deployments: the service's own, see asympo/redis_acl.py)"
+    )
+    password: SecretStr = Field(SecretStr(""), description="password of the ACL user")
+    password_file: str = Field(
+        "", description="file holding the password instead (e.g. a container secret)"
+    )
+
+    @model_validator(mode="after")
+    def _read_password_file(self) -> RedisSettings:
+        """Load ``password_file`` now, so a missing or empty secret fails at start."""
+        if not self.password_file:
+            return self
+        if self.password.get_secret_value():
+            raise ValueError("set redis.password or redis.password_file, not both")
+        try:
+            secret = Path(self.password_file).read_text().strip()
+        except OSError as exc:
+            raise ValueError(
+                f"cannot read redis.password_file {self.password_file}: {exc.strerror}"
+            ) from None
+        if not secret:
+            raise ValueError(f"redis.password_file {self.password_file} is empty")
+        self.password = SecretStr(secret)
+        return self
 
 
 class StreamSettings(Section):
@@ -365,8 +391,20 @@ class Settings(BaseSettings):
         return (init_settings,)
 
     def redis_url(self) -> str:
-        """The Redis URL: the setting, else the REDIS_URL env var, else '' (embedded)."""
-        return self.redis.url or os.environ.get("REDIS_URL", "")
+        """The Redis URL: the setting, else the REDIS_URL env var, else '' (embedded).
+
+        ``redis.username`` / ``redis.password`` go into the URL unless it carries
+        credentials of its own (then those win, e.g. a launcher's URL for its children).
+        """
+        url = self.redis.url or os.environ.get("REDIS_URL", "")
+        password = self.redis.password.get_secret_value()
+        if not url or not (self.redis.username or password):
+            return url
+        parts = urlsplit(url)
+        if parts.username or parts.password:
+            return url
+        auth = quote(self.redis.username, safe="") + ":" + quote(password, safe="")
+        return urlunsplit(parts._replace(netloc=f"{auth}@{parts.netloc}"))
 
 
 def _parse_value(raw: str) -> Any:

@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -119,9 +120,20 @@ def environment(env: Mapping[str, str]) -> Iterator[None]:
 
 
 def effective_settings(env: Mapping[str, str]) -> Settings:
-    """The Settings a service builds from ``env`` (raises ConfigError on unknown names)."""
-    with environment(env):
-        return load_settings()
+    """The Settings a service builds from ``env`` (raises ConfigError on unknown names).
+
+    A Redis password file under /run/secrets (a compose secret) is read from a stand-in
+    holding ``"<secret name>-password"``; callers check that the secret is mounted.
+    """
+    env = dict(env)
+    secret = env.get("ASYMPO_REDIS__PASSWORD_FILE", "")
+    with tempfile.TemporaryDirectory() as tmp:
+        if secret.startswith("/run/secrets/"):
+            stand_in = Path(tmp) / "password"
+            stand_in.write_text(Path(secret).name + "-password")
+            env["ASYMPO_REDIS__PASSWORD_FILE"] = str(stand_in)
+        with environment(env):
+            return load_settings()
 
 
 def served(args: list[str]) -> str | None:

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from asympo.config import Settings
+from asympo.redis_acl import SERVICE_USERS
 from tests.deploy.manifests import (
     K8S,
     OVERLAYS,
@@ -31,7 +32,9 @@ K8S_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
 # Secrets the manifests reference but do not ship: users create them (docs/deployment.md,
 # deploy/k8s/base/config.yaml), so that `kubectl apply` never overwrites a real token.
-USER_SECRETS = {"asympo-publish-token": "a-publish-token", "asympo-hf-token": "hf_token"}
+# Each with the keys the pods may read.
+USER_SECRETS = {"asympo-publish-token": ("token",), "asympo-hf-token": ("token",),
+                "asympo-redis-passwords": SERVICE_USERS}
 
 
 def ident(doc: Doc) -> tuple[str, str, str]:
@@ -90,8 +93,8 @@ def container_env(docs: list[Doc], container: Doc) -> dict[str, str]:
             if ref["name"] in USER_SECRETS:
                 assert not [d for d in docs if d["kind"] == "Secret"
                             and d["metadata"]["name"] == ref["name"]], f"{ref['name']} shipped"
-                assert ref["key"] == "token"
-                env[var["name"]] = USER_SECRETS[ref["name"]]
+                assert ref["key"] in USER_SECRETS[ref["name"]], ref
+                env[var["name"]] = f"{ref['name']}-{ref['key']}"
                 continue
             secret = find(docs, "Secret", ref["name"])
             data = {**secret.get("data", {}), **secret.get("stringData", {})}

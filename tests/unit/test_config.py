@@ -114,3 +114,36 @@ def test_dumped_settings_load_back(tmp_path: Path) -> None:
     dumped = tmp_path / "config.yaml"
     dumped.write_text(dump_settings(s))
     assert load_settings(dumped).learner.loss == s.learner.loss
+
+def test_redis_credentials_go_into_the_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("p/w d\n")  # a trailing newline, as `echo > file` leaves
+    monkeypatch.setenv("ASYMPO_REDIS__URL", "redis://redis:6379/0")
+    monkeypatch.setenv("ASYMPO_REDIS__USERNAME", "rollout")
+    monkeypatch.setenv("ASYMPO_REDIS__PASSWORD_FILE", str(secret))
+    settings = load_settings()
+    assert settings.redis_url() == "redis://rollout:p%2Fw%20d@redis:6379/0"
+    assert "p/w" not in dump_settings(settings)
+    # A URL with credentials of its own (a launcher's, for its children) wins.
+    own = "redis://learner:x@redis:6379/0"
+    assert load_settings(overrides=[f"redis.url={own}"]).redis_url() == own
+    # Without a URL the embedded server is used, which has no users.
+    assert load_settings(overrides=["redis.url="]).redis_url() == ""
+
+
+@pytest.mark.parametrize(
+    ("content", "extra", "needle"),
+    [
+        (None, [], "cannot read redis.password_file"),
+        ("", [], "is empty"),
+        ("pw", ["redis.password=other"], "not both"),
+    ],
+)
+def test_redis_password_file_mistakes_fail_at_load(
+    tmp_path: Path, content: str | None, extra: list[str], needle: str
+) -> None:
+    secret = tmp_path / "password"
+    if content is not None:
+        secret.write_text(content)
+    with pytest.raises(ConfigError, match=needle):
+        load_settings(overrides=[f"redis.password_file={secret}", *extra])

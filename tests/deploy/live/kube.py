@@ -9,9 +9,10 @@
 * Services are not played: each pod gets the Service names as ``hostAliases`` pointing
   at the static address (``--ip``) of the pod their selector matches, on a network of
   its own; Services, NetworkPolicies, HPAs and PDBs stay covered by the offline tests;
-* the publish-token Secret, which users create themselves (docs/deployment.md), is
-  created with a random token, as ``kubectl create secret`` would: as a podman secret
-  in the form podman 4.3's ``secretKeyRef`` reads (JSON of base64 values);
+* the publish-token and Redis password Secrets, which users create themselves
+  (docs/deployment.md), are created with random values, as ``kubectl create secret``
+  would: as podman secrets in the form podman 4.3's ``secretKeyRef`` reads (JSON of
+  base64 values);
 * images are the locally built ones; podman runs no readiness probes (4.3), so this
   phase runs each container's own ``readinessProbe`` (httpGet against the pod address,
   exec in the container, tcpSocket) until every one passes.
@@ -32,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from asympo.redis_acl import SERVICE_USERS
 from tests.deploy.live.run import (
     IMAGE,
     REDIS_IMAGE,
@@ -46,7 +48,8 @@ from tests.deploy.live.run import (
 Doc = dict[str, Any]
 OVERLAY = ROOT / "deploy/k8s/overlays/cpu-dev"
 NETWORK = "asympo-deploytest-kube"
-SECRET = "asympo-publish-token"
+# The Secrets users create themselves (docs/deployment.md), with their keys.
+SECRETS = {"asympo-publish-token": ("token",), "asympo-redis-passwords": SERVICE_USERS}
 MODEL_CACHE = "asympo-model-cache"
 SUBNET = ipaddress.ip_network("10.89.251.0/24")
 NOT_PLAYED = {"Service", "NetworkPolicy", "HorizontalPodAutoscaler", "PodDisruptionBudget",
@@ -83,7 +86,7 @@ def playable(docs: list[Doc]) -> tuple[list[Doc], dict[str, str]]:
         kind = doc["kind"]
         if kind in NOT_PLAYED:
             continue
-        if kind == "Secret" and doc["metadata"]["name"] == "asympo-publish-token":
+        if kind == "Secret" and doc["metadata"]["name"] in SECRETS:
             continue  # replaced below
         if kind not in ("Deployment", "StatefulSet"):
             out.append(doc)
@@ -205,11 +208,12 @@ def kube_phase(work: Path, timeout: float, model_path: str = "",
         config = next(d for d in docs if d["kind"] == "ConfigMap"
                       and d["metadata"]["name"] == "asympo-config")
         config["data"]["ASYMPO_MODEL__PATH"] = built if model_path == "built" else model_path
-    secret_file = work / "publish-token.json"
-    token = base64.b64encode(secrets.token_hex(32).encode()).decode()
-    secret_file.write_text(json.dumps({"token": token}))
-    run(["podman", "secret", "rm", SECRET], timeout=60, check=False, quiet=True)
-    run(["podman", "secret", "create", SECRET, str(secret_file)], timeout=60, quiet=True)
+    for name, keys in (SECRETS.items()):
+        secret_file = work / f"{name}.json"
+        secret_file.write_text(json.dumps(
+            {key: base64.b64encode(secrets.token_hex(32).encode()).decode() for key in keys}))
+        run(["podman", "secret", "rm", name], timeout=60, check=False, quiet=True)
+        run(["podman", "secret", "create", name, str(secret_file)], timeout=60, quiet=True)
     manifest = work / "cpu-dev.played.yaml"
     manifest.write_text(yaml.safe_dump_all(docs, sort_keys=False))
     # Probes and ports as rendered (the played copies have no ports).
@@ -254,7 +258,8 @@ def kube_phase(work: Path, timeout: float, model_path: str = "",
                 run(["podman", "volume", "rm", "-f", d["metadata"]["name"]], timeout=60,
                     check=False, quiet=True)
         run(["podman", "network", "rm", "-f", NETWORK], timeout=60, check=False, quiet=True)
-        run(["podman", "secret", "rm", SECRET], timeout=60, check=False, quiet=True)
+        for name in SECRETS:
+            run(["podman", "secret", "rm", name], timeout=60, check=False, quiet=True)
         for claim in claims:
             run(["podman", "volume", "rm", "-f", claim], timeout=60, check=False, quiet=True)
     left = [p for name in workloads for p in _containers_of(name).values()]

@@ -43,6 +43,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from asympo.redis_acl import SERVICE_USERS
+
 ROOT = Path(__file__).resolve().parents[3]
 LIVE = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("ASYMPO_DEPLOY_CACHE", "/var/cache/asympo-deploy"))
@@ -350,6 +352,11 @@ def compose_phase(python: str, work: Path, timeout: float, model_path: str,
     env = dict(ENV, ASYMPO_IMAGE=IMAGE, REDIS_IMAGE=REDIS_IMAGE,
                PROMETHEUS_IMAGE=PROMETHEUS_IMAGE, ASYMPO_PUBLISH_TOKEN_FILE=str(token),
                ASYMPO_REWARD_REPLICAS="1", **{k: str(v) for k, v in ports.items()})
+    redis_secrets = work / "redis-secrets"
+    redis_secrets.mkdir(exist_ok=True)
+    for user in SERVICE_USERS:
+        (redis_secrets / f"redis_password_{user}").write_text(secrets.token_hex(32))
+    env["REDIS_SECRETS_DIR"] = str(redis_secrets)
     grafana_password = work / "grafana_admin_password"
     grafana_password.write_text(secrets.token_hex(16))
     env["GRAFANA_ADMIN_PASSWORD_FILE"] = str(grafana_password)
