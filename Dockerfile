@@ -73,6 +73,8 @@ RUN pip freeze | grep -i '^torch==' > /tmp/torch.txt \
     && rm -rf /wheels /tmp/torch.txt \
     && python -c "import asympo.v1.records_pb2, services.weights.main"
 COPY deploy/docker/healthcheck.py /usr/local/bin/asympo-healthcheck
+# The ready configs (configs/, docs/scaling.md): ASYMPO_CONFIG=/app/configs/<name>.yaml
+COPY configs /app/configs
 # Mount points exist in the image, owned by the service user, so that named volumes
 # mounted there start with that ownership (Docker copies it into a new volume).
 RUN useradd --uid 10001 --user-group --create-home --home-dir /home/asympo asympo \
@@ -117,6 +119,8 @@ RUN pip freeze | grep -iE '^(torch|vllm)==' > /tmp/pinned.txt \
     && pip install --constraint /tmp/pinned.txt /wheels/*.whl \
     && rm -rf /wheels /tmp/pinned.txt
 COPY deploy/docker/healthcheck.py /usr/local/bin/asympo-healthcheck
+# The ready configs (configs/, docs/scaling.md): ASYMPO_CONFIG=/app/configs/<name>.yaml
+COPY configs /app/configs
 # Mount points owned by the service user (see the slim stage).
 RUN (userdel --remove ubuntu 2>/dev/null || true) \
     && useradd --uid 10001 --user-group --create-home --home-dir /home/asympo asympo \

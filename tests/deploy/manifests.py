@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("cpu-dev", "gpu")
 SERVICES = ("weights", "reward", "rollout", "learner")
+# Where the images hold configs/ (Dockerfile: COPY configs /app/configs).
+IMAGE_CONFIGS = "/app/configs"
 
 Doc = dict[str, Any]
 
@@ -123,9 +125,14 @@ def effective_settings(env: Mapping[str, str]) -> Settings:
     """The Settings a service builds from ``env`` (raises ConfigError on unknown names).
 
     A Redis password file under /run/secrets (a compose secret) is read from a stand-in
-    holding ``"<secret name>-password"``; callers check that the secret is mounted.
+    holding ``"<secret name>-password"``; callers check that the secret is mounted. A
+    config file under :data:`IMAGE_CONFIGS` is read from this checkout's configs/ (the
+    Dockerfile copies it there; test_compose checks).
     """
     env = dict(env)
+    config = env.get("ASYMPO_CONFIG", "")
+    if config.startswith(IMAGE_CONFIGS + "/"):
+        env["ASYMPO_CONFIG"] = str(ROOT / "configs" / config.removeprefix(IMAGE_CONFIGS + "/"))
     secret = env.get("ASYMPO_REDIS__PASSWORD_FILE", "")
     with tempfile.TemporaryDirectory() as tmp:
         if secret.startswith("/run/secrets/"):
