@@ -169,7 +169,8 @@ for line in $rules; do
     *'#{password}'*)
       name=${line#user }; name=${name%% *}
       var=REDIS_PASSWORD_$(printf '%s' "$name" | tr a-z A-Z)
-      pw=$(printenv "$var" || cat "/run/secrets/redis_password_$name" 2>/dev/null || true)
+      eval "pw=\${$var:-}"
+      [ -n "$pw" ] || pw=$(cat "/run/secrets/redis_password_$name" 2>/dev/null || true)
       case "$pw" in
         ''|*[!A-Za-z0-9._~-]*)
           echo "redis: password of ACL user $name missing, empty or not [A-Za-z0-9._~-]" >&2
