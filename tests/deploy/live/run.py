@@ -55,7 +55,11 @@ PROMETHEUS_IMAGE = "localhost/asympo-prometheus:test"
 PROJECT = "asympo-deploytest"
 MIRROR = os.environ.get("ASYMPO_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 COMPOSE_SERVICES = ["redis", "weights", "reward", "rollout-cpu", "learner-cpu", "prometheus"]
-APT_PACKAGES = ["podman", "runc", "netavark", "aardvark-dns", "debootstrap", "uidmap"]
+# Two of podman's Recommends, which --no-install-recommends skips and a fresh machine
+# lacks: iptables (netavark sets up the bridge with it: "netavark: No such file or
+# directory") and catatonit (kube play's pause image: "finding pause binary").
+APT_PACKAGES = ["podman", "runc", "netavark", "aardvark-dns", "iptables", "catatonit",
+                "debootstrap", "uidmap"]
 
 ENV = dict(os.environ, CONTAINERS_CONF=str(LIVE / "containers.conf"))
 ENV.pop("PYTHONPATH", None)  # the containers' Python must not see this checkout
