@@ -120,8 +120,8 @@ def up(
     from asympo.launcher import LaunchError, run_up, with_free_ports, with_run_defaults
     from asympo.model import ModelLoadError
     from asympo.preflight import check_against_model, task_prompts
-    from asympo.redis_conn import EmbeddedRedis, RedisUnavailable
     from asympo.run_plot import plot_run
+    from asympo.transport.redis_conn import EmbeddedRedis, RedisUnavailable
 
     if steps < 1:
         raise fail("--steps must be at least 1")

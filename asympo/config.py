@@ -28,7 +28,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from asympo.loss_settings import DEFAULT_LOSS, AnyLossSettings, AsympoLoss
+from asympo.rl.loss_settings import DEFAULT_LOSS, AnyLossSettings, AsympoLoss
 
 
 class ConfigError(ValueError):
@@ -47,7 +47,8 @@ class RedisSettings(Section):
     url: str = Field("", description="redis://, rediss://, or unix:// URL; REDIS_URL also works")
     embedded_dir: str = Field(".cache/redis", description="data dir of the embedded server")
     username: str = Field(
-        "", description="ACL user (deployments: the service's own, see asympo/redis_acl.py)"
+        "",
+        description="ACL user (deployments: the service's own, see asympo/transport/redis_acl.py)",
     )
     password: SecretStr = Field(SecretStr(""), description="password of the ACL user")
     password_file: str = Field(

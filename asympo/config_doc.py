@@ -11,7 +11,7 @@ from typing import Any, get_args
 from pydantic import BaseModel, SecretStr
 
 from asympo.config import Settings
-from asympo.loss_settings import AnyLossSettings, LossSettings
+from asympo.rl.loss_settings import AnyLossSettings, LossSettings
 
 HEADER = """# Configuration reference
 

@@ -38,9 +38,9 @@ from prometheus_client import CollectorRegistry
 from asympo.config import Settings
 from asympo.engines.base import EngineError
 from asympo.model.loading import ModelLoadError
-from asympo.redis_conn import RedisUnavailable
-from asympo.serving import HttpServer, make_http_app, wait_for_signal
-from asympo.weights_client import WeightsClientError
+from asympo.transport.redis_conn import RedisUnavailable
+from asympo.transport.serving import HttpServer, make_http_app, wait_for_signal
+from asympo.transport.weights_client import WeightsClientError
 
 log = logging.getLogger("asympo.service")
 

@@ -54,9 +54,9 @@ import torch
 from asympo.config import Settings
 from asympo.launcher import free_port, run_up, with_run_defaults
 from asympo.pipeline_model import Stage, project
-from asympo.redis_conn import EmbeddedRedis, connect, reachable
 from asympo.run_log import read_metrics
-from asympo.streams import decode
+from asympo.transport.redis_conn import EmbeddedRedis, connect, reachable
+from asympo.transport.streams import decode
 from asympo.v1 import records_pb2
 
 LOCAL_URL = "redis://127.0.0.1:6379/0"
@@ -268,7 +268,7 @@ def isolated_train(
 ) -> float:
     """Seconds per sample of ``train_step`` alone on the run's own batches."""
     from asympo.model.loading import load_causal_lm, load_tokenizer
-    from asympo.training import train_step
+    from asympo.rl.training import train_step
     from services.learner.learner import make_optimizer, step_config
     from services.learner.records import group_from_scored
 

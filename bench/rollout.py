@@ -46,11 +46,11 @@ import torch
 from asympo.config import Settings, StreamSettings
 from asympo.engines import Engine, create_engine
 from asympo.model import ensure_default_model, load_causal_lm
-from asympo.probe import make_probe, probe_tokens
-from asympo.redis_conn import EmbeddedRedis, connect, reachable
-from asympo.streams import Consumer, Producer
+from asympo.rl.probe import make_probe, probe_tokens
+from asympo.transport.redis_conn import EmbeddedRedis, connect, reachable
+from asympo.transport.streams import Consumer, Producer
+from asympo.transport.weights_client import WeightsClient
 from asympo.v1 import records_pb2
-from asympo.weights_client import WeightsClient
 from services.rollout.swap import WeightSwapper
 from services.rollout.versions import VersionFollower
 from services.rollout.worker import RolloutWorker, requests_for

@@ -31,8 +31,8 @@ from transformers import AutoModelForCausalLM
 from asympo.config import Settings
 from asympo.engines import GenerationRequest
 from asympo.model.loading import resolve_model_path
-from asympo.probe import probe_logprobs, probe_tokens
-from asympo.weights_client import write_shards
+from asympo.rl.probe import probe_logprobs, probe_tokens
+from asympo.transport.weights_client import write_shards
 
 
 def rss_by_process() -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Transport throughput: rollout groups/s through asympo.streams vs raw redis-py, one run.
+"""Transport throughput: rollout groups/s through asympo.transport.streams vs raw redis-py, one run.
 
 Each round pushes N realistic RolloutGroups (default 8 samples x 1,000 tokens each, with
 their text) through produce -> consume -> ack with each contender, in rotating order:
@@ -34,8 +34,8 @@ from typing import Any
 
 import redis
 
-from asympo.redis_conn import EmbeddedRedis, RedisUnavailable, connect, reachable
-from asympo.streams import Consumer, Producer
+from asympo.transport.redis_conn import EmbeddedRedis, RedisUnavailable, connect, reachable
+from asympo.transport.streams import Consumer, Producer
 from asympo.v1 import records_pb2
 
 LOCAL_URL = "redis://127.0.0.1:6379/0"
@@ -81,7 +81,7 @@ def make_group(
 def run_streams(
     client: redis.Redis, key: str, groups: list[records_pb2.RolloutGroup], batch: int
 ) -> float:
-    """Seconds to send, read and ack every group through asympo.streams."""
+    """Seconds to send, read and ack every group through asympo.transport.streams."""
     producer = Producer(client, key, records_pb2.RolloutGroup, maxlen=len(groups) + 1000)
     consumer = Consumer(
         client, key, "bench", "c0", records_pb2.RolloutGroup, key + ":dl", reclaim_idle_ms=30_000
@@ -161,7 +161,7 @@ def redis_url(arg: str) -> tuple[str, EmbeddedRedis | None]:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; prints one line per round and the summary (or JSON)."""
     parser = argparse.ArgumentParser(
-        description="Rollout groups/s through asympo.streams vs raw redis-py (same run).",
+        description="Rollout groups/s through asympo.transport.streams vs raw redis-py (same run).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--url", default="", help="Redis URL (default: REDIS_URL/local/embedded)")
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             f"entry {entry_bytes / 1024:.1f} KiB ({args.samples} x {args.tokens} tokens), "
             f"batch {args.batch}, median of {args.rounds} rounds of {args.groups} groups"
         )
-        print(f"asympo.streams : {rate['streams']:9.1f} groups/s")
+        print(f"asympo.transport.streams : {rate['streams']:9.1f} groups/s")
         print(f"raw redis-py   : {rate['raw']:9.1f} groups/s  (same bytes, no protobuf work)")
         print(f"raw + protobuf : {rate['raw+pb']:9.1f} groups/s  (hand-written, for reference)")
         verdict = "meets" if ratio >= TARGET_RATIO else "BELOW"

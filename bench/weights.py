@@ -14,7 +14,7 @@ safetensors checkpoint (default 128 MB in 4 shards), then measures in one run:
 * snapshot:  what the learner is blocked for per publish with the background publisher
              (state dict copied into reused host buffers)
 * broadcast: rank 0 -> one receiver process over the standalone gloo group of
-             asympo/weight_broadcast.py (the direct path's transport)
+             asympo/transport/weight_broadcast.py (the direct path's transport)
 * latency:   a watcher thread (Watch + fetch) — time from the start of a publish until the
              announcement arrives, and until the version sits verified on the fetching client.
 
@@ -51,8 +51,8 @@ import httpx
 import torch
 
 from asympo.config import WeightsSettings
-from asympo.redis_conn import reachable
-from asympo.weights_client import WeightsClient, open_shared, write_shards
+from asympo.transport.redis_conn import reachable
+from asympo.transport.weights_client import WeightsClient, open_shared, write_shards
 from services.learner.publisher import snapshot_state
 
 TOKEN = "bench-token"
@@ -78,7 +78,7 @@ def make_checkpoint(
 
 RECEIVER = """
 import json, sys, torch
-from asympo.weight_broadcast import BroadcastGroup, Layout
+from asympo.transport.weight_broadcast import BroadcastGroup, Layout
 port, n = int(sys.argv[1]), int(sys.argv[2])
 shapes = json.loads(sys.argv[3])
 state = {k: torch.empty(v) for k, v in shapes.items()}
@@ -91,7 +91,7 @@ group.close()
 
 def broadcast_seconds(state: dict[str, torch.Tensor], repeats: int) -> list[float]:
     """Seconds per broadcast of ``state`` to one receiver process (after one warm-up)."""
-    from asympo.weight_broadcast import BroadcastGroup, Layout
+    from asympo.transport.weight_broadcast import BroadcastGroup, Layout
 
     port = _free_port()
     shapes = json.dumps({k: list(v.shape) for k, v in state.items()})
@@ -172,9 +172,9 @@ def end_to_end_swaps(model_dir: Path, url: str, repeats: int, work: Path) -> dic
 
     from asympo.config import Settings, StreamSettings
     from asympo.engines.vllm_engine import VLLMEngine
-    from asympo.probe import make_probe, probe_tokens
-    from asympo.redis_conn import connect
-    from asympo.weight_broadcast import BroadcastHub, Layout
+    from asympo.rl.probe import make_probe, probe_tokens
+    from asympo.transport.redis_conn import connect
+    from asympo.transport.weight_broadcast import BroadcastHub, Layout
     from services.learner.publisher import Snapshot, broadcast_sink, store_sink
     from services.rollout.swap import WeightSwapper
     from services.rollout.versions import BroadcastLink, VersionFollower

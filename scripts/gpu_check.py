@@ -43,7 +43,7 @@ TOKEN_BUDGET = 16384
 
 def synthetic_groups(vocab: int, seed: int) -> list[Any]:
     """GROUPS groups of SAMPLES random completions with mixed rewards (all tokens random)."""
-    from asympo.training import TrainGroup
+    from asympo.rl.training import TrainGroup
 
     gen = torch.Generator().manual_seed(seed)
 
@@ -80,7 +80,7 @@ def _init_group() -> None:
 
 def learner_check(key: str, steps: int) -> dict[str, Any]:
     """FSDP bf16 + activation checkpointing steps on a random ``key`` model."""
-    from asympo.training import StepConfig, train_step
+    from asympo.rl.training import StepConfig, train_step
     from services.learner.distributed import DistInfo
     from services.learner.sharding import wrap_model
 
@@ -124,7 +124,7 @@ def generation_check(key: str) -> dict[str, Any]:
     from asympo.engines.base import GenerationRequest
     from asympo.engines.hf_engine import HFEngine
     from asympo.model.char_tokenizer import char_vocab, save_char_tokenizer
-    from asympo.probe import make_probe, probe_tokens
+    from asympo.rl.probe import make_probe, probe_tokens
     from services.learner.distributed import DistInfo
     from services.learner.sharding import full_state_dict, wrap_model
 

@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from asympo.config import StreamSettings
-from asympo.redis_conn import EmbeddedRedis, connect, reachable
+from asympo.transport.redis_conn import EmbeddedRedis, connect, reachable
 
 LOCAL_URL = "redis://127.0.0.1:6379/0"
 

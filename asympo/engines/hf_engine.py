@@ -28,7 +28,7 @@ from asympo.engines.base import (
     validate_request,
 )
 from asympo.model.loading import load_causal_lm, load_tokenizer
-from asympo.training import token_logprobs
+from asympo.rl.training import token_logprobs
 
 
 def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:

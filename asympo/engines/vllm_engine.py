@@ -19,7 +19,7 @@ The hot swap (``load_weights``):
    token sampled after the swap attends to keys/values of the old weights.
 
 ``load_broadcast`` is the same swap from weights the workers received over the
-learner's broadcast group (``join_broadcast``; asympo/weight_broadcast.py) instead of
+learner's broadcast group (``join_broadcast``; asympo/transport/weight_broadcast.py) instead of
 files: straight from the receive buffers into the model.
 
 ``probe_logprobs`` asks the engine itself for prompt log-probs, proving what it serves.
@@ -48,8 +48,8 @@ from asympo.engines.base import (
     safetensors_files,
     validate_request,
 )
-from asympo.weight_broadcast import BroadcastState
-from asympo.weights_client import unshared_cpu_tensors
+from asympo.transport.weight_broadcast import BroadcastState
+from asympo.transport.weights_client import unshared_cpu_tensors
 
 T = TypeVar("T")
 
@@ -282,7 +282,7 @@ class VLLMEngine(TokenizerText):
             raise EngineError(f"no weights were loaded from {directory}")
         await self._llm.reset_prefix_cache(reset_running_requests=True)
 
-    # -- the direct broadcast path (asympo/weight_broadcast.py) --------------------------
+    # -- the direct broadcast path (asympo/transport/weight_broadcast.py) --------------------------
 
     def join_broadcast(self, host: str, port: int, timeout_s: float) -> None:
         """Every worker joins the learner's broadcast group at ``host:port`` (a fresh

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from asympo.weight_broadcast import BroadcastReceiver
+from asympo.transport.weight_broadcast import BroadcastReceiver
 
 
 def iter_safetensors(directory: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -142,7 +142,7 @@ class WeightSwapExtension:
         """Return freed heap to the OS (see :func:`trim_heap`)."""
         return trim_heap()
 
-    # -- the direct broadcast path (asympo/weight_broadcast.py) ----------------------------
+    # -- the direct broadcast path (asympo/transport/weight_broadcast.py) --------------------
 
     def asympo_broadcast_join(self, host: str, port: int, timeout_s: float) -> bool:
         """Join the learner's broadcast group at ``host:port`` (in the background: the join

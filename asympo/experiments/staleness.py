@@ -4,7 +4,7 @@ A deterministic, in-process stand-in for the asynchronous system. At step t the 
 policy is version t; the step's groups are sampled (temperature 1, full softmax) from the
 snapshot of version ``max(0, t - k)``, scored by the task's verifier (the function the
 reward service runs), and the current policy is trained on them with
-:func:`asympo.training.train_step` and the loss under test. The behaviour-corrected
+:func:`asympo.rl.training.train_step` and the loss under test. The behaviour-corrected
 losses get the behaviour log-probs of the snapshot that sampled, exactly what an engine
 would ship. Every cell of the grid spends the same number of samples.
 
@@ -33,10 +33,10 @@ from asympo.config import TaskSettings
 from asympo.engines.base import cut_at_stop
 from asympo.eval_mode import eval_mode
 from asympo.evaluation import evaluate, hf_greedy
-from asympo.loss_settings import AsympoLoss
-from asympo.losses import LOSSES, LossSettings, loss_settings, needs_behaviour_logprobs
+from asympo.rl.loss_settings import AsympoLoss
+from asympo.rl.losses import LOSSES, LossSettings, loss_settings, needs_behaviour_logprobs
+from asympo.rl.training import StepConfig, TrainGroup, token_logprobs, train_step
 from asympo.tasks import Problem, Task, task_from_settings
-from asympo.training import StepConfig, TrainGroup, token_logprobs, train_step
 from asympo.verifiers import resolve_verifier, run_verifier
 
 Log = Callable[[str], None]

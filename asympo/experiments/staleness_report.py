@@ -331,7 +331,7 @@ def write_report(
 Every run trains the model `{model_path}`{_manifest_note(model_path)} (held-out greedy
 accuracy **{warm_accuracy:.3f}** on the first {cfg.eval_size} test problems) on the
 `{cfg.task}` task with the learner's own step
-(`asympo.training.train_step`). Staleness is forced exactly: at step t the groups are
+(`asympo.rl.training.train_step`). Staleness is forced exactly: at step t the groups are
 sampled from the policy snapshot of version max(0, t − k), scored by the task's verifier,
 and the current policy (version t) is trained on them. `grpo` (PPO-clip) and `tis`
 (truncated importance sampling) receive the sampling snapshot's per-token log-probs;

@@ -21,9 +21,9 @@ import redis
 import torch
 
 from asympo.config import Settings
-from asympo.losses import needs_behaviour_logprobs
-from asympo.streams import Producer
+from asympo.rl.losses import needs_behaviour_logprobs
 from asympo.tasks import Problem, Task
+from asympo.transport.streams import Producer
 from asympo.v1 import records_pb2
 
 

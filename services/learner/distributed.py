@@ -2,7 +2,7 @@
 
 Rank 0 reads the scored stream, forms the batch and broadcasts it as serialized
 ``ScoredGroup`` protobufs (never pickle); rank r trains ``groups[r::world]``; the
-training step (``asympo.training.train_step``) weights every micro-batch by its share of
+training step (``asympo.rl.training.train_step``) weights every micro-batch by its share of
 the *global* batch, so the DDP-averaged gradient equals the single-process one.
 
 Rank 0 also sends commands the other ranks must join when the model is sharded (FSDP),
@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from asympo.collectives import comm_device
-from asympo.training import TrainGroup
+from asympo.rl.collectives import comm_device
+from asympo.rl.training import TrainGroup
 from asympo.v1 import records_pb2
 from services.learner.records import group_from_scored
 

@@ -33,16 +33,16 @@ import redis
 import torch
 
 from asympo.config import Settings
-from asympo.probe import probe_logprobs, probe_tokens
-from asympo.run_log import MetricsWriter
-from asympo.streams import Consumer, Delivery
-from asympo.tasks import Task
-from asympo.training import (
+from asympo.rl.probe import probe_logprobs, probe_tokens
+from asympo.rl.training import (
     StepConfig,
     TrainGroup,
     train_step,
     untrainable_reason,
 )
+from asympo.run_log import MetricsWriter
+from asympo.tasks import Task
+from asympo.transport.streams import Consumer, Delivery
 from asympo.v1 import records_pb2
 from services.learner import metrics
 from services.learner.admission import Admitter

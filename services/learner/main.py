@@ -22,14 +22,14 @@ import torch
 from asympo.config import Settings
 from asympo.model.loading import load_causal_lm, load_tokenizer, resolve_model_path
 from asympo.preflight import check_against_model, task_prompts
-from asympo.probe import make_probe, probe_tokens
-from asympo.redis_conn import connect
+from asympo.rl.probe import make_probe, probe_tokens
 from asympo.run_log import METRICS_FILE, MetricsWriter
 from asympo.service import Service, configure_logging
 from asympo.tasks import task_from_settings
 from asympo.tracking import open_trackers
-from asympo.weight_broadcast import BroadcastHub, Layout
-from asympo.weights_client import WeightsClient
+from asympo.transport.redis_conn import connect
+from asympo.transport.weight_broadcast import BroadcastHub, Layout
+from asympo.transport.weights_client import WeightsClient
 from services.learner import metrics
 from services.learner.distributed import init_distributed
 from services.learner.learner import Learner, follow

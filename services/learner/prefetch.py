@@ -16,7 +16,7 @@ from __future__ import annotations
 import queue
 import time
 
-from asympo.streams import Consumer, Delivery
+from asympo.transport.streams import Consumer, Delivery
 from asympo.v1 import records_pb2
 
 ScoredDelivery = Delivery[records_pb2.ScoredGroup]

@@ -19,7 +19,7 @@ to a :data:`SnapshotSink` (write, hash, upload, wait for the store to verify it)
 
 Sinks: :func:`store_sink` publishes to the weights service; :func:`broadcast_sink`
 (``weights.transport=broadcast``) first sends the snapshot straight into the rollout
-engines over the broadcast group (asympo/weight_broadcast.py), then hands it to the
+engines over the broadcast group (asympo/transport/weight_broadcast.py), then hands it to the
 store sink — the store still gets every version, for late joiners and as the fallback.
 
 :class:`InlinePublisher` adapts a plain ``publish(version, parent, model)`` function
@@ -37,9 +37,9 @@ from typing import Protocol
 
 import torch
 
+from asympo.transport.weight_broadcast import BroadcastHub, ProbeData
+from asympo.transport.weights_client import PublishRejected, WeightsClient, WeightsClientError
 from asympo.v1 import records_pb2
-from asympo.weight_broadcast import BroadcastHub, ProbeData
-from asympo.weights_client import PublishRejected, WeightsClient, WeightsClientError
 from services.learner import metrics
 from services.learner.sharding import full_state_dict, is_sharded
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from asympo.training import TrainGroup
+from asympo.rl.training import TrainGroup
 from asympo.v1 import records_pb2
 
 

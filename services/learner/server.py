@@ -7,7 +7,7 @@ import concurrent.futures
 import grpc
 
 from asympo.config import Settings
-from asympo.serving import GrpcOptions, GrpcServer
+from asympo.transport.serving import GrpcOptions, GrpcServer
 from asympo.v1 import learner_pb2, learner_pb2_grpc
 from services.learner.learner import Learner
 

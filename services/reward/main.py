@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 
 from asympo.config import Settings
-from asympo.redis_conn import connect
 from asympo.service import Service, configure_logging
-from asympo.serving import GrpcOptions, GrpcServer
+from asympo.transport.redis_conn import connect
+from asympo.transport.serving import GrpcOptions, GrpcServer
 from asympo.v1 import reward_pb2_grpc
 from asympo.verifiers import VerifierPool, resolve_verifier
 from services.reward import metrics

@@ -1,7 +1,7 @@
 """Prometheus metrics of the reward service, on its own registry.
 
 The stream metrics (``asympo_stream_lag_entries``, ``asympo_dead_letters_total``) are
-registered on the same REGISTRY by the rollouts consumer (see asympo.streams).
+registered on the same REGISTRY by the rollouts consumer (see asympo.transport.streams).
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import redis
 
 from asympo.config import Settings
-from asympo.streams import Consumer, Delivery, Producer, produce_and_ack
 from asympo.tasks import default_verifier
+from asympo.transport.streams import Consumer, Delivery, Producer, produce_and_ack
 from asympo.v1 import records_pb2
 from asympo.verifiers import Verdict, VerifierPool
 from services.reward import metrics

@@ -17,11 +17,11 @@ from asympo.config import Settings
 from asympo.engines import create_engine
 from asympo.model import resolve_model_path
 from asympo.preflight import check_against_model
-from asympo.redis_conn import connect
 from asympo.service import Service, configure_logging
-from asympo.serving import GrpcOptions, GrpcServer
+from asympo.transport.redis_conn import connect
+from asympo.transport.serving import GrpcOptions, GrpcServer
+from asympo.transport.weights_client import WeightsClient
 from asympo.v1 import rollout_pb2_grpc
-from asympo.weights_client import WeightsClient
 from services.rollout import metrics
 from services.rollout.server import RolloutServicer
 from services.rollout.swap import WeightSwapper

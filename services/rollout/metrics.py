@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from asympo.streams import stream_metrics
+from asympo.transport.streams import stream_metrics
 
 REGISTRY = CollectorRegistry()
 

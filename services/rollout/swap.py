@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from asympo.transport.weight_broadcast import ProbeData
 from asympo.v1 import records_pb2
-from asympo.weight_broadcast import ProbeData
 from services.rollout import metrics
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,9 @@
 """Follow the weights stream and swap each newer version into the engine.
 
-Every replica reads the whole weights stream (a :class:`asympo.streams.Subscriber`: no
+Every replica reads the whole weights stream (a :class:`asympo.transport.streams.Subscriber`: no
 consumer group, each announcement is for everyone). A version is fetched and verified
 (BLAKE3) by the weights client — or, with ``rollout.shared_store_dir`` set, opened in
-place in the store (see :func:`asympo.weights_client.open_shared`) — then offered to the
+place in the store (see :func:`asympo.transport.weights_client.open_shared`) — then offered to the
 swapper, which proves it with the probe or refuses it.
 
 With ``weights.transport=broadcast`` (:class:`BroadcastLink`) the engine's workers are
@@ -25,10 +25,15 @@ from typing import Protocol
 import redis
 
 from asympo.config import Settings
-from asympo.streams import Subscriber
+from asympo.transport.streams import Subscriber
+from asympo.transport.weight_broadcast import BroadcastState
+from asympo.transport.weights_client import (
+    WeightsClient,
+    WeightsClientError,
+    open_shared,
+    prune_local,
+)
 from asympo.v1 import records_pb2
-from asympo.weight_broadcast import BroadcastState
-from asympo.weights_client import WeightsClient, WeightsClientError, open_shared, prune_local
 from services.rollout import metrics
 from services.rollout.swap import SwapOutcome, WeightSwapper
 

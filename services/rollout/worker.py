@@ -23,7 +23,7 @@ import redis
 
 from asympo.config import Settings
 from asympo.engines import Completion, Engine, EngineError, GenerationRequest, validate_request
-from asympo.streams import Consumer, Delivery, Producer, produce_and_ack_many
+from asympo.transport.streams import Consumer, Delivery, Producer, produce_and_ack_many
 from asympo.v1 import records_pb2
 from services.rollout import metrics
 from services.rollout.swap import WeightSwapper

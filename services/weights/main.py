@@ -12,8 +12,8 @@ import logging
 from functools import partial
 
 from asympo.config import Settings
-from asympo.redis_conn import connect
 from asympo.service import Service, configure_logging
+from asympo.transport.redis_conn import connect
 from services.weights.server import StreamAnnouncer, WeightsService
 
 log = logging.getLogger("asympo.weights")

@@ -2,7 +2,7 @@
 
 Publish (and RegisterBroadcast) need ``authorization: Bearer <weights.publish_token>``;
 everything else is read-only. RegisterBroadcast / GetBroadcast are the rendezvous of the
-direct path (``weights.transport=broadcast``, asympo/weight_broadcast.py): the learner
+direct path (``weights.transport=broadcast``, asympo/transport/weight_broadcast.py): the learner
 says where its broadcast group is, a starting rollout replica asks. Each new version is
 announced on Watch streams and, when Redis is configured, on the run's weights stream as
 a ``VersionAnnouncement``.
@@ -21,10 +21,9 @@ import grpc
 import redis
 
 from asympo.config import Settings
-from asympo.serving import GrpcOptions, GrpcServer, HttpServer, make_http_app
-from asympo.streams import Producer
-from asympo.v1 import records_pb2, weights_pb2, weights_pb2_grpc
-from asympo.weight_store import (
+from asympo.transport.serving import GrpcOptions, GrpcServer, HttpServer, make_http_app
+from asympo.transport.streams import Producer
+from asympo.transport.weight_store import (
     MAX_VERSION,
     IntegrityError,
     InvalidManifest,
@@ -35,6 +34,7 @@ from asympo.weight_store import (
     WeightStore,
     WeightStoreError,
 )
+from asympo.v1 import records_pb2, weights_pb2, weights_pb2_grpc
 from services.weights import metrics
 
 log = logging.getLogger("asympo.weights")

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from asympo.config import Settings
-from asympo.redis_acl import SERVICE_USERS
+from asympo.transport.redis_acl import SERVICE_USERS
 from tests.deploy.manifests import (
     K8S,
     OVERLAYS,

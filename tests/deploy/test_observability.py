@@ -20,7 +20,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from asympo.config import Settings
-from asympo.streams import stream_metrics
+from asympo.transport.streams import stream_metrics
 from tests.deploy.manifests import ROOT, SERVICES, overlay
 from tests.deploy.promql import Selector, balanced, grouping_labels, selectors
 
@@ -54,7 +54,7 @@ def registers_stream_consumer(service: str) -> bool:
     """Does the service's code build a stream Consumer on its own metrics REGISTRY?
 
     Consumers register asympo_stream_lag_entries / asympo_dead_letters_total on the
-    registry they are given (asympo.streams.stream_metrics) when they are created.
+    registry they are given (asympo.transport.streams.stream_metrics) when they are created.
     """
     for path in (ROOT / "services" / service).glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):

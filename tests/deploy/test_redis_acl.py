@@ -1,6 +1,6 @@
 """The Redis ACL in docker-compose.yml and the Kubernetes manifests comes from one source.
 
-asympo/redis_acl.py renders the rules (deploy/k8s/base/redis-users.acl) and the Redis
+asympo/transport/redis_acl.py renders the rules (deploy/k8s/base/redis-users.acl) and the Redis
 container's start script; tests/integration/test_redis_acl.py runs both on a real server.
 Here: the committed copies are current, Redis starts through that script in compose and
 in every overlay, and each service logs in as its own user with its own secret.
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from asympo.redis_acl import SERVICE_USERS, START_SCRIPT, render
+from asympo.transport.redis_acl import SERVICE_USERS, START_SCRIPT, render
 from tests.deploy.manifests import K8S, OVERLAYS, compose_env, compose_file, overlay, served
 from tests.deploy.test_compose import asympo_services
 from tests.deploy.test_k8s import asympo_containers, find, workloads
@@ -23,7 +23,7 @@ SECRET = "asympo-redis-passwords"
 
 def test_users_acl_file_is_current() -> None:
     assert (K8S / "base/redis-users.acl").read_text() == render(), (
-        "regenerate: python -m asympo.redis_acl > deploy/k8s/base/redis-users.acl"
+        "regenerate: python -m asympo.transport.redis_acl > deploy/k8s/base/redis-users.acl"
     )
 
 

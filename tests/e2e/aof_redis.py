@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from asympo.redis_conn import _redis_server_executable, reachable
+from asympo.transport.redis_conn import _redis_server_executable, reachable
 
 SYSTEM_REDIS = "/usr/bin/redis-server"
 

@@ -50,9 +50,9 @@ from asympo.launcher import (
     write_run_config,
 )
 from asympo.model import ensure_default_model
-from asympo.redis_conn import connect
 from asympo.run_log import read_metrics
-from asympo.streams import decode
+from asympo.transport.redis_conn import connect
+from asympo.transport.streams import decode
 from asympo.v1 import records_pb2
 from tests.e2e.aof_redis import AofRedis
 from tests.e2e.test_up import processes_with_env

@@ -18,7 +18,7 @@ import yaml
 
 from asympo.config import StreamSettings
 from asympo.run_log import read_metrics
-from asympo.streams import lag
+from asympo.transport.streams import lag
 
 pytestmark = pytest.mark.slow
 

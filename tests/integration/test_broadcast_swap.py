@@ -21,10 +21,10 @@ import pytest
 import redis
 
 from asympo.config import StreamSettings
-from asympo.probe import make_probe, probe_tokens
-from asympo.redis_conn import connect
-from asympo.weight_broadcast import BroadcastHub, Layout
-from asympo.weights_client import WeightsClient
+from asympo.rl.probe import make_probe, probe_tokens
+from asympo.transport.redis_conn import connect
+from asympo.transport.weight_broadcast import BroadcastHub, Layout
+from asympo.transport.weights_client import WeightsClient
 from services.learner.publisher import (
     Snapshot,
     SnapshotSink,

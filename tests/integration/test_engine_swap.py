@@ -23,8 +23,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from asympo.config import load_settings
 from asympo.engines import Completion, EngineError, GenerationRequest
 from asympo.model.tiny import build_and_warm_start, spec_from_settings
-from asympo.probe import probe_logprobs as learner_probe_logprobs
-from asympo.probe import probe_tokens
+from asympo.rl.probe import probe_logprobs as learner_probe_logprobs
+from asympo.rl.probe import probe_tokens
 
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm")

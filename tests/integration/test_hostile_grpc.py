@@ -29,11 +29,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from asympo.config import Settings
-from asympo.serving import GrpcOptions, GrpcServer, bearer_metadata
+from asympo.transport.serving import GrpcOptions, GrpcServer, bearer_metadata
+from asympo.transport.weight_store import MAX_VERSION
+from asympo.transport.weights_client import WeightsClient
 from asympo.v1 import learner_pb2, records_pb2, reward_pb2, reward_pb2_grpc, weights_pb2
 from asympo.verifiers import VerifierPool
-from asympo.weight_store import MAX_VERSION
-from asympo.weights_client import WeightsClient
 from services.reward.server import SERVICE_NAME as REWARD_SERVICE
 from services.reward.server import RewardServicer
 from services.weights.server import WeightsService

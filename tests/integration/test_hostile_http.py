@@ -1,8 +1,8 @@
 """Hostile input on every HTTP endpoint: schemathesis over the services' own OpenAPI.
 
 Each service serves ``/healthz`` ``/readyz`` ``/metrics`` (and its OpenAPI document at
-``/openapi.json``) through :func:`asympo.serving.make_http_app` behind the body-size
-limit of :class:`asympo.serving.HttpServer`. Here the real servers run on free local
+``/openapi.json``) through :func:`asympo.transport.serving.make_http_app` behind the body-size
+limit of :class:`asympo.transport.serving.HttpServer`. Here the real servers run on free local
 ports: the weights service as a whole, and the reward and learner apps on their own
 metric registries. schemathesis derives valid and invalid requests (wrong methods,
 junk query strings and headers, unexpected bodies) from the served schema and checks
@@ -27,7 +27,7 @@ from schemathesis.generation.modes import GenerationMode
 from schemathesis.schemas import BaseSchema
 
 from asympo.config import Settings
-from asympo.serving import HttpServer, make_http_app
+from asympo.transport.serving import HttpServer, make_http_app
 from services.learner import metrics as learner_metrics
 from services.reward import metrics as reward_metrics
 from services.weights.server import WeightsService

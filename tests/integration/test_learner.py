@@ -20,9 +20,9 @@ from pydantic import SecretStr
 
 from asympo.config import LearnerSettings, SamplingSettings, Settings, StreamSettings, TaskSettings
 from asympo.run_log import METRICS_FILE, MetricsWriter, read_metrics
-from asympo.serving import bearer_metadata
-from asympo.streams import Consumer, Producer, decode
 from asympo.tasks import load_task
+from asympo.transport.serving import bearer_metadata
+from asympo.transport.streams import Consumer, Producer, decode
 from asympo.v1 import learner_pb2, learner_pb2_grpc, records_pb2
 from services.learner.learner import CONSUMER_GROUP, Learner
 from services.learner.publisher import BackgroundPublisher, Snapshot

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from asympo.training import StepConfig, TrainGroup, train_step
+from asympo.rl.training import StepConfig, TrainGroup, train_step
 from services.learner.distributed import DistInfo, wrap_ddp
 from tests.unit.test_learner_step import fixed_groups, tiny_model
 

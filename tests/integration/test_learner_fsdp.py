@@ -25,8 +25,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from asympo.probe import make_probe, probe_logprobs, probe_tokens
-from asympo.training import StepConfig, TrainGroup, train_step
+from asympo.rl.probe import make_probe, probe_logprobs, probe_tokens
+from asympo.rl.training import StepConfig, TrainGroup, train_step
 from services.learner.checkpoint import (
     LearnerState,
     latest_checkpoint,

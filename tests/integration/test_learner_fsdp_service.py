@@ -22,8 +22,8 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from asympo.config import Settings
-from asympo.probe import probe_logprobs
-from asympo.weight_store import WeightStore
+from asympo.rl.probe import probe_logprobs
+from asympo.transport.weight_store import WeightStore
 from services.weights.server import WeightsService
 from tests.integration.test_learner import FastRollout
 from tests.integration.test_learner_service import TOKEN, free_port, small_model_dir

@@ -14,7 +14,7 @@ from pathlib import Path
 import redis
 
 from asympo.config import Settings
-from asympo.streams import Producer, decode
+from asympo.transport.streams import Producer, decode
 from asympo.v1 import records_pb2
 from services.learner import metrics
 from services.learner.learner import Learner

@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM
 from asympo.config import Settings
 from asympo.model.architecture import TinyArchitecture, build_tiny_model
 from asympo.model.char_tokenizer import save_char_tokenizer
-from asympo.probe import probe_logprobs
-from asympo.weight_store import WeightStore
+from asympo.rl.probe import probe_logprobs
+from asympo.transport.weight_store import WeightStore
 from services.learner.main import run
 from services.weights.server import WeightsService
 from tests.integration.test_learner import FastRollout

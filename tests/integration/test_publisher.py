@@ -22,9 +22,9 @@ import torch
 from safetensors.torch import load_file
 
 from asympo.config import StreamSettings
-from asympo.probe import make_probe, probe_tokens
-from asympo.weight_store import WeightStore
-from asympo.weights_client import WeightsClient
+from asympo.rl.probe import make_probe, probe_tokens
+from asympo.transport.weight_store import WeightStore
+from asympo.transport.weights_client import WeightsClient
 from services.learner.publisher import BackgroundPublisher, Snapshot, store_sink
 from services.weights.server import WeightsService
 from tests.integration.test_weights_service import TOKEN, make_settings, tiny_qwen2
@@ -135,7 +135,7 @@ def test_a_failed_publish_is_raised_in_the_learner_thread(tmp_path: Path) -> Non
 
 CHILD = """
 import sys, time, torch
-from asympo.weights_client import WeightsClient
+from asympo.transport.weights_client import WeightsClient
 from services.learner.publisher import BackgroundPublisher, store_sink
 port, token = sys.argv[1], sys.argv[2]
 client = WeightsClient(f"127.0.0.1:{port}", token=token, chunk_bytes=64 * 1024)

@@ -1,4 +1,4 @@
-"""The Redis ACL of a deployment (asympo/redis_acl.py) on a real ``redis-server``.
+"""The Redis ACL of a deployment (asympo/transport/redis_acl.py) on a real ``redis-server``.
 
 The server is started the way the Redis container starts it: the deployment's start
 script (``START_SCRIPT``) fills each user's password into the rendered rules and execs
@@ -26,10 +26,10 @@ import redis
 from redis.exceptions import NoPermissionError
 
 from asympo.config import RedisSettings, Settings, StreamSettings
-from asympo.redis_acl import SERVICE_USERS, START_SCRIPT, render
-from asympo.redis_conn import connect
-from asympo.streams import Consumer, Producer, produce_and_ack_many
 from asympo.tasks import load_task
+from asympo.transport.redis_acl import SERVICE_USERS, START_SCRIPT, render
+from asympo.transport.redis_conn import connect
+from asympo.transport.streams import Consumer, Producer, produce_and_ack_many
 from asympo.v1 import records_pb2
 from asympo.verifiers import VerifierPool
 from services.learner.admission import Admitter

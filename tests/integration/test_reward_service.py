@@ -26,8 +26,8 @@ import pytest
 import redis
 
 from asympo.config import StreamSettings
-from asympo.redis_conn import connect
-from asympo.streams import Producer, decode
+from asympo.transport.redis_conn import connect
+from asympo.transport.streams import Producer, decode
 from asympo.v1 import records_pb2, reward_pb2, reward_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ import redis
 
 from asympo.config import Settings, StreamSettings
 from asympo.engines.hf_engine import HFEngine
-from asympo.streams import Consumer, Producer, decode
+from asympo.transport.streams import Consumer, Producer, decode
 from asympo.v1 import records_pb2
 from services.rollout.swap import WeightSwapper
 from services.rollout.worker import REASON_UNSERVABLE, RolloutWorker

@@ -1,4 +1,4 @@
-"""Trimming acknowledged stream entries (asympo.stream_trim), on the real Redis server.
+"""Trimming acknowledged stream entries (asympo.transport.stream_trim), on the real Redis server.
 
 The soak test pushes thousands of scored-group-sized entries through a stream read by
 two consumer groups at different paces, one of which keeps some entries pending for a
@@ -15,8 +15,8 @@ import time
 
 import redis
 
-from asympo.stream_trim import trim_acknowledged
-from asympo.streams import Consumer, Producer
+from asympo.transport.stream_trim import trim_acknowledged
+from asympo.transport.streams import Consumer, Producer
 from asympo.v1 import records_pb2
 
 

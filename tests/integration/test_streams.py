@@ -1,4 +1,4 @@
-"""asympo.streams and asympo.redis_conn against a real Redis server (see conftest.py)."""
+"""asympo.transport.streams and redis_conn against a real Redis server (see conftest.py)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from asympo.config import StreamSettings
-from asympo.redis_conn import EmbeddedRedis, RedisUnavailable, connect, redact
-from asympo.streams import (
+from asympo.transport.redis_conn import EmbeddedRedis, RedisUnavailable, connect, redact
+from asympo.transport.streams import (
     REASON_DECODE_ERROR,
     REASON_MAX_DELIVERIES,
     REASON_MISSING_FIELD,
@@ -34,7 +34,7 @@ from asympo.streams import (
     produce_and_ack_many,
     stream_metrics,
 )
-from asympo.streams.metrics import _count_after
+from asympo.transport.streams.metrics import _count_after
 from asympo.v1 import records_pb2
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -187,8 +187,8 @@ def test_group_reads_entries_produced_before_it_existed(
 _DOOMED_WORKER = """
 import sys, time
 from asympo.config import StreamSettings
-from asympo.redis_conn import connect
-from asympo.streams import Consumer, Producer, produce_and_ack
+from asympo.transport.redis_conn import connect
+from asympo.transport.streams import Consumer, Producer, produce_and_ack
 from asympo.v1 import records_pb2 as pb
 url, stream, out, dl, prefix = sys.argv[1:6]
 r = connect(url)
@@ -548,7 +548,7 @@ _EMBEDDED_CHILD = """
 import sys
 import threading
 from asympo.config import StreamSettings
-from asympo.redis_conn import connect
+from asympo.transport.redis_conn import connect
 client = connect("", sys.argv[1])
 client.set("k", "v")
 print(client.info("server")["process_id"], flush=True)

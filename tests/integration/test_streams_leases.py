@@ -1,4 +1,4 @@
-"""Leases, own-pending re-reads and broadcast reads of asympo.streams, on a real Redis."""
+"""Leases, own-pending re-reads and broadcast reads of asympo.transport.streams, on a real Redis."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any, cast
 
 import redis
 
-from asympo.streams import (
+from asympo.transport.streams import (
     REASON_TOO_LARGE,
     REASON_WRONG_TYPE,
     Consumer,

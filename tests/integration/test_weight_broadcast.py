@@ -11,14 +11,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from asympo.weight_broadcast import BroadcastGroup, Layout
+from asympo.transport.weight_broadcast import BroadcastGroup, Layout
 from tests.integration.test_weights_service import tiny_qwen2
 
 RECEIVER = """
 import sys
 from pathlib import Path
 from safetensors.torch import save_file
-from asympo.weight_broadcast import BroadcastGroup, Layout
+from asympo.transport.weight_broadcast import BroadcastGroup, Layout
 from tests.integration.test_weights_service import tiny_qwen2
 port, out, n = int(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 import torch

@@ -26,11 +26,10 @@ from safetensors.torch import load_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from asympo.config import Settings, StreamSettings
-from asympo.redis_conn import connect
-from asympo.streams import decode
-from asympo.v1 import records_pb2, weights_pb2, weights_pb2_grpc
-from asympo.weight_store import file_sha256, manifest_to_json, version_dirname
-from asympo.weights_client import (
+from asympo.transport.redis_conn import connect
+from asympo.transport.streams import decode
+from asympo.transport.weight_store import file_sha256, manifest_to_json, version_dirname
+from asympo.transport.weights_client import (
     PARTIAL_MANIFEST_NAME,
     PublishRejected,
     WeightsClient,
@@ -41,6 +40,7 @@ from asympo.weights_client import (
     open_shared,
     write_shards,
 )
+from asympo.v1 import records_pb2, weights_pb2, weights_pb2_grpc
 from services.weights import metrics
 from services.weights.server import StreamAnnouncer, WeightsService
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from asympo.advantages import ADVANTAGES, compute_advantages
+from asympo.rl.advantages import ADVANTAGES, compute_advantages
 
 
 @pytest.mark.parametrize("name", sorted(ADVANTAGES))

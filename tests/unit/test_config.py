@@ -68,7 +68,7 @@ def test_configuration_reference_is_current() -> None:
 def test_a_loss_is_one_record_chosen_by_name(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from asympo.loss_settings import AsympoLoss, GrpoLoss, TisLoss
+    from asympo.rl.loss_settings import AsympoLoss, GrpoLoss, TisLoss
 
     assert load_settings().learner.loss == AsympoLoss()
     assert load_settings(None, ["learner.loss=grpo"]).learner.loss == GrpoLoss()
@@ -101,7 +101,7 @@ def test_bad_loss_settings_fail_at_load(overrides: list[str], needle: str) -> No
 
 
 def test_grad_clip_zero_turns_clipping_off_everywhere() -> None:
-    from asympo.training import StepConfig
+    from asympo.rl.training import StepConfig
     from services.learner.learner import step_config
 
     assert step_config(load_settings(None, ["learner.grad_clip=0"])).grad_clip == 0.0

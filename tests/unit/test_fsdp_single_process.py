@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from asympo.training import StepConfig, train_step
+from asympo.rl.training import StepConfig, train_step
 from services.learner.checkpoint import (
     LearnerState,
     latest_checkpoint,

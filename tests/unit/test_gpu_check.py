@@ -13,7 +13,7 @@ from types import ModuleType
 import torch
 
 from asympo.model.sizing import ARCHS, build_random_model
-from asympo.training import plan_micro_batches
+from asympo.rl.training import plan_micro_batches
 
 SCRIPT = Path(__file__).parents[2] / "scripts" / "gpu_check.py"
 

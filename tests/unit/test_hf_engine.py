@@ -12,7 +12,7 @@ from asympo.engines.base import cut_at_stop
 from asympo.engines.hf_engine import HFEngine, sample_token
 from asympo.model.architecture import TinyArchitecture, build_tiny_model
 from asympo.model.char_tokenizer import save_char_tokenizer
-from asympo.probe import probe_logprobs, probe_tokens
+from asympo.rl.probe import probe_logprobs, probe_tokens
 
 ARCH = TinyArchitecture(
     hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=128

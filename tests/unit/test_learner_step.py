@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from asympo.loss_settings import DapoLoss, GrpoLoss, ReinforceLoss
-from asympo.losses import MissingBehaviourLogprobs, loss_settings
-from asympo.probe import make_probe, probe_logprobs, probe_tokens
-from asympo.training import (
+from asympo.rl.loss_settings import DapoLoss, GrpoLoss, ReinforceLoss
+from asympo.rl.losses import MissingBehaviourLogprobs, loss_settings
+from asympo.rl.probe import make_probe, probe_logprobs, probe_tokens
+from asympo.rl.training import (
     StepConfig,
     TrainGroup,
     flatten_groups,

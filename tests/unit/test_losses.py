@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asympo.advantages import compute_advantages
-from asympo.loss_settings import (
+from asympo.rl.advantages import compute_advantages
+from asympo.rl.loss_settings import (
     AsympoLoss,
     DapoLoss,
     GrpoLoss,
@@ -21,7 +21,7 @@ from asympo.loss_settings import (
     SpoLoss,
     TisLoss,
 )
-from asympo.losses import (
+from asympo.rl.losses import (
     LOSSES,
     Aggregation,
     MissingBehaviourLogprobs,

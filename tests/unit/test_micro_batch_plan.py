@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asympo.losses import loss_settings
-from asympo.training import StepConfig, TrainGroup, plan_micro_batches, train_step
+from asympo.rl.losses import loss_settings
+from asympo.rl.training import StepConfig, TrainGroup, plan_micro_batches, train_step
 from tests.unit.test_learner_step import VOCAB, fixed_groups, tiny_model, with_behaviour
 
 

@@ -16,8 +16,8 @@ import torch
 
 from asympo.engines import GenerationRequest
 from asympo.engines.hf_engine import HFEngine, sampling_logprobs
-from asympo.losses import loss_settings
-from asympo.training import StepConfig, TrainGroup, train_step
+from asympo.rl.losses import loss_settings
+from asympo.rl.training import StepConfig, TrainGroup, train_step
 from tests.unit.test_hf_engine import _save
 
 BEHAVIOUR_LOSSES = ("grpo", "dapo", "gspo", "tis")

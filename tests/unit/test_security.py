@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from asympo.config import Settings
-from asympo.serving import bearer_metadata, client_channel, client_channel_from_settings
+from asympo.transport.serving import bearer_metadata, client_channel, client_channel_from_settings
+from asympo.transport.weights_client import WeightsClient
 from asympo.v1 import (
     learner_pb2,
     learner_pb2_grpc,
@@ -32,7 +33,6 @@ from asympo.v1 import (
     weights_pb2_grpc,
 )
 from asympo.verifiers import BUILTIN, VerifierPool, run_verifier
-from asympo.weights_client import WeightsClient
 from services.learner.learner import Learner
 from services.learner.server import start_grpc
 from services.reward.server import RewardServicer
@@ -98,7 +98,7 @@ def test_learner_checkpoint_needs_the_service_token() -> None:
 def test_token_comparison_is_constant_time() -> None:
     import inspect
 
-    from asympo import serving
+    from asympo.transport import serving
 
     source = inspect.getsource(serving.TokenAuthInterceptor)
     assert "hmac.compare_digest" in source
@@ -193,7 +193,7 @@ def test_rediss_url_makes_a_tls_connection_pool() -> None:
 
 
 def test_connect_accepts_rediss_and_tries_tls(tmp_path: Path) -> None:
-    from asympo.redis_conn import RedisUnavailable, connect
+    from asympo.transport.redis_conn import RedisUnavailable, connect
 
     # Nothing listens there: connect must fail cleanly (RedisUnavailable), not reject the
     # scheme, and must not leak the password into the message.
@@ -233,7 +233,7 @@ def test_builtin_verifiers_never_execute_model_output(name: str, tmp_path: Path)
 
 def test_score_rpc_refuses_code_paths_as_verifier_names(tmp_path: Path) -> None:
     """``module:function`` names from a client never run: Score answers NOT_FOUND."""
-    from asympo.serving import GrpcOptions, GrpcServer
+    from asympo.transport.serving import GrpcOptions, GrpcServer
 
     marker = tmp_path / "pwned"
     with VerifierPool(size=1, time_limit_s=5.0) as pool:

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter
 
 from asympo.config import ConfigError
-from asympo.serving import (
+from asympo.transport.serving import (
     GrpcOptions,
     GrpcServer,
     HttpServer,

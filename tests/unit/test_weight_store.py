@@ -10,8 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from asympo.v1 import records_pb2
-from asympo.weight_store import (
+from asympo.transport.weight_store import (
     IntegrityError,
     InvalidManifest,
     PublishTooLarge,
@@ -23,6 +22,7 @@ from asympo.weight_store import (
     manifest_from_json,
     manifest_to_json,
 )
+from asympo.v1 import records_pb2
 
 
 def shard_bytes(seed: int, n: int = 1000) -> bytes:
@@ -229,7 +229,7 @@ def test_unchanged_verified_shards_are_served_without_rehash_but_scrub_rehashes(
 def test_safetensors_parts_read_back_bit_for_bit_in_every_dtype() -> None:
     from safetensors.torch import load, save
 
-    from asympo.weights_client import safetensors_parts
+    from asympo.transport.weights_client import safetensors_parts
 
     g = torch.Generator().manual_seed(0)
     tensors = {
@@ -254,7 +254,7 @@ def test_safetensors_parts_read_back_bit_for_bit_in_every_dtype() -> None:
 def test_unshared_cpu_tensors_copies_tied_names_and_views_at_other_offsets() -> None:
     from safetensors.torch import load
 
-    from asympo.weights_client import unshared_cpu_tensors
+    from asympo.transport.weights_client import unshared_cpu_tensors
 
     embed = torch.randn(6, 4)
     packed = torch.randn(8, 4)  # e.g. a fused q/k projection seen as two views

@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from asympo.redis_acl import SERVICE_USERS
+from asympo.transport.redis_acl import SERVICE_USERS
 from tests.deploy.live.run import (
     IMAGE,
     REDIS_IMAGE,

@@ -43,7 +43,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from asympo.redis_acl import SERVICE_USERS
+from asympo.transport.redis_acl import SERVICE_USERS
 
 ROOT = Path(__file__).resolve().parents[3]
 LIVE = Path(__file__).resolve().parent

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from google.protobuf.message import Message
 
-from asympo.streams.codec import FIELD_MSG, FIELD_TYPE, as_str
-from asympo.streams.consumer import Consumer, Delivery, entry_ids
-from asympo.streams.producer import Producer
+from asympo.transport.streams.codec import FIELD_MSG, FIELD_TYPE, as_str
+from asympo.transport.streams.consumer import Consumer, Delivery, entry_ids
+from asympo.transport.streams.producer import Producer
 
 if TYPE_CHECKING:
     from redis.commands.core import Script

@@ -2,7 +2,7 @@
 
 ``learner.loss`` holds one of them, chosen by its ``name`` (a discriminated union); the
 loss functions and the registry that pairs each class with its function are in
-``asympo/losses.py``. Kept apart so loading a configuration does not import torch.
+``asympo/rl/losses.py``. Kept apart so loading a configuration does not import torch.
 """
 
 from __future__ import annotations

@@ -27,15 +27,14 @@ Delivery guarantees, and how a service gets "each entry's effect once":
 * Broadcast streams (each entry for every reader, e.g. weights announcements) are read
   with a :class:`Subscriber`: plain XREAD, no group, nothing acked.
 * Streams are bounded by an approximate MAXLEN on every XADD, and consumers trim what
-  every group has acknowledged (asympo.stream_trim) every ``trim_every_s``.
+  every group has acknowledged (asympo.transport.stream_trim) every ``trim_every_s``.
 
-Modules: :mod:`~asympo.streams.codec` (entry format, decode checks),
-:mod:`~asympo.streams.producer`, :mod:`~asympo.streams.consumer` (groups, leases, dead
-letters), :mod:`~asympo.streams.subscriber` (broadcast), :mod:`~asympo.streams.commit`
-(the exactly-once commit), :mod:`~asympo.streams.metrics` (dead letters, lag).
+Modules (under ``asympo.transport.streams``): ``codec`` (entry format, decode checks),
+``producer``, ``consumer`` (groups, leases, dead letters), ``subscriber`` (broadcast),
+``commit`` (the exactly-once commit), ``metrics`` (dead letters, lag).
 """
 
-from asympo.streams.codec import (
+from asympo.transport.streams.codec import (
     FIELD_MSG,
     FIELD_TYPE,
     REASON_DECODE_ERROR,
@@ -48,11 +47,11 @@ from asympo.streams.codec import (
     decode,
     encode,
 )
-from asympo.streams.commit import Committed, produce_and_ack, produce_and_ack_many
-from asympo.streams.consumer import DEAD_LETTER_PAYLOAD_KEPT, Consumer, Delivery
-from asympo.streams.metrics import StreamMetrics, lag, stream_metrics
-from asympo.streams.producer import DEFAULT_MAXLEN, Producer
-from asympo.streams.subscriber import Entry, Subscriber
+from asympo.transport.streams.commit import Committed, produce_and_ack, produce_and_ack_many
+from asympo.transport.streams.consumer import DEAD_LETTER_PAYLOAD_KEPT, Consumer, Delivery
+from asympo.transport.streams.metrics import StreamMetrics, lag, stream_metrics
+from asympo.transport.streams.producer import DEFAULT_MAXLEN, Producer
+from asympo.transport.streams.subscriber import Entry, Subscriber
 
 __all__ = [
     "DEAD_LETTER_PAYLOAD_KEPT",

@@ -10,7 +10,7 @@ import redis
 from prometheus_client import REGISTRY as DEFAULT_REGISTRY
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from asympo.streams.codec import as_str
+from asympo.transport.streams.codec import as_str
 
 
 class StreamMetrics:

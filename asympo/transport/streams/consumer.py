@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, Generic, NamedTuple, cast
 import redis
 from prometheus_client import CollectorRegistry
 
-from asympo.stream_trim import trim_acknowledged
-from asympo.streams.codec import (
+from asympo.transport.stream_trim import trim_acknowledged
+from asympo.transport.streams.codec import (
     FIELD_MSG,
     FIELD_TYPE,
     REASON_MAX_DELIVERIES,
@@ -26,8 +26,8 @@ from asympo.streams.codec import (
     encode,
     wire,
 )
-from asympo.streams.metrics import lag, stream_metrics
-from asympo.streams.producer import DEFAULT_MAXLEN
+from asympo.transport.streams.metrics import lag, stream_metrics
+from asympo.transport.streams.producer import DEFAULT_MAXLEN
 from asympo.v1 import records_pb2
 
 if TYPE_CHECKING:
@@ -117,7 +117,7 @@ class Consumer(Generic[M]):
         self._next_reclaim_at = 0.0
         self._reclaim_cursor = "0-0"
         self._next_lag_at = 0.0
-        # Acknowledged entries are trimmed (asympo.stream_trim) at most this often.
+        # Acknowledged entries are trimmed (asympo.transport.stream_trim) at most this often.
         self.trim_every_s = trim_every_s
         self._next_trim_at = 0.0
         self.renew_every_s = reclaim_idle_ms / 1000.0 / RENEWALS_PER_IDLE

@@ -11,7 +11,7 @@ Every loss has the signature::
 * ``behaviour_logprobs`` ``[B, T]`` or ``None``: log-probs under the policy that sampled
   the response; only the behaviour-corrected baselines need them.
 * ``settings`` the loss's own settings (:class:`AsympoLoss`, :class:`GrpoLoss`, ...,
-  in ``asympo/loss_settings.py``).
+  in ``asympo/rl/loss_settings.py``).
 
 It returns :class:`LossTerms`: the loss and its statistics as *sums* over the batch, so
 micro-batches and ranks add up exactly and the caller divides once, by the global count
@@ -36,7 +36,7 @@ import torch
 from pydantic import TypeAdapter, ValidationError
 from torch import Tensor
 
-from asympo.loss_settings import (
+from asympo.rl.loss_settings import (
     Aggregation,
     AnyLossSettings,
     AsympoLoss,

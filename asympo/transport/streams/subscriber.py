@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Generic, cast
 
 import redis
 
-from asympo.streams.codec import DecodeFailure, M, as_str, decode
+from asympo.transport.streams.codec import DecodeFailure, M, as_str, decode
 
 if TYPE_CHECKING:
     from asympo.config import StreamSettings

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Generic
 
 import redis
 
-from asympo.streams.codec import FIELD_MSG, M, StreamError, as_str, encode, wire
+from asympo.transport.streams.codec import FIELD_MSG, M, StreamError, as_str, encode, wire
 
 if TYPE_CHECKING:
     from asympo.config import StreamSettings

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from asympo.eval_mode import eval_mode
-from asympo.training import token_logprobs
+from asympo.rl.training import token_logprobs
 from asympo.v1 import records_pb2
 
 DEFAULT_PROBE_LENGTH = 32

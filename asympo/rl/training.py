@@ -29,9 +29,9 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from asympo.advantages import compute_advantages
-from asympo.collectives import all_reduce, world_size
-from asympo.losses import (
+from asympo.rl.advantages import compute_advantages
+from asympo.rl.collectives import all_reduce, world_size
+from asympo.rl.losses import (
     SUM_KEYS,
     AsympoLoss,
     LossSettings,
@@ -316,7 +316,7 @@ def train_step(
     loss, loss_positive, loss_negative, loss_balance, nll_positive, nll_negative,
     entropy (mean over completion tokens, nats), grad_norm (before clipping),
     update_norm_positive / update_norm_negative / update_share_positive (the update split
-    at the logits, see :func:`asympo.losses.logit_grad_norms`), zero_adv_groups, groups,
+    at the logits, see :func:`asympo.rl.losses.logit_grad_norms`), zero_adv_groups, groups,
     samples, tokens, reward_mean, and clip_fraction / ratio_mean / ratio_max for
     behaviour-corrected losses.
 

@@ -15,7 +15,7 @@ Rollout::
 partly there (after an interruption, or a restart), checks every digest (BLAKE3, or
 sha256 for older manifests) and size against the manifest while the bytes arrive, and
 only then renames the directory to ``<dest_root>/<version>/`` (zero-padded, see
-:func:`asympo.weight_store.version_dirname`). A mismatch raises
+:func:`asympo.transport.weight_store.version_dirname`). A mismatch raises
 :class:`WeightsIntegrityError` and leaves every complete local version untouched. A
 version of several shards is fetched over one stream per shard, in parallel. Nothing is
 fsynced: a fetched copy is a cache, verified before it is renamed into place, and after
@@ -42,9 +42,8 @@ import torch
 from safetensors.torch import save_file
 
 from asympo.config import Settings
-from asympo.serving import bearer_metadata, client_channel
-from asympo.v1 import records_pb2, weights_pb2, weights_pb2_grpc
-from asympo.weight_store import (
+from asympo.transport.serving import bearer_metadata, client_channel
+from asympo.transport.weight_store import (
     MANIFEST_NAME,
     BackgroundHash,
     file_digest,
@@ -53,6 +52,7 @@ from asympo.weight_store import (
     shard_digest,
     version_dirname,
 )
+from asympo.v1 import records_pb2, weights_pb2, weights_pb2_grpc
 
 log = logging.getLogger(__name__)
 

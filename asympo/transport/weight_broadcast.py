@@ -115,7 +115,7 @@ class Layout:
 
 @dataclass(frozen=True)
 class ProbeData:
-    """The learner's probe for a version (see asympo/probe.py), as it crosses the wire."""
+    """The learner's probe for a version (see asympo/rl/probe.py), as it crosses the wire."""
 
     tokens: tuple[int, ...]
     logprobs: tuple[float, ...]
