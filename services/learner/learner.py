@@ -24,9 +24,7 @@ import math
 import queue
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -66,9 +64,9 @@ from services.learner.distributed import (
     send_command,
     shard,
 )
+from services.learner.intake import Held, Intake
 from services.learner.prefetch import Prefetcher
 from services.learner.publisher import InlinePublisher, PublishFn, VersionPublisher
-from services.learner.records import group_from_scored
 from services.learner.sharding import full_state_dict, is_sharded
 
 log = logging.getLogger(__name__)
@@ -76,16 +74,6 @@ log = logging.getLogger(__name__)
 CONSUMER_GROUP = "learner"
 # Publisher(version, parent_version, model): make ``version`` available to rollout, inline.
 Publisher = PublishFn
-TRAINED_IDS_KEPT = 100_000
-
-
-@dataclass
-class Held:
-    """A scored group the learner holds (read, not yet acked)."""
-
-    delivery: Delivery[records_pb2.ScoredGroup]
-    group: TrainGroup
-    correct: int
 
 
 def step_config(settings: Settings) -> StepConfig:
@@ -168,16 +156,17 @@ class Learner:
             registry=metrics.REGISTRY,
         )
         self.stop_event = threading.Event()
-        self.buffer: list[Held] = []
-        self.held_ids: set[str] = set()
-        self.unacked: list[str] = []
-        self.trained_ids: OrderedDict[str, None] = OrderedDict()
         self.counters: dict[str, float] = {
             "groups_trained": 0.0,
             "groups_dropped_stale": 0.0,
             "samples": 0.0,
             "duplicates_skipped": 0.0,
         }
+        self.intake = Intake(
+            self.consumer,
+            lambda group: untrainable_reason(group, self.cfg, self.vocab_size),
+            self.counters,
+        )
         self.version = 0
         self.published_version = -1  # newest version verified in the store
         self.submitted_version = -1  # newest version handed to the publisher
@@ -199,7 +188,7 @@ class Learner:
             self.version = state.version
             self.published_version = state.published_version
             self.counters.update(state.counters)
-            self.trained_ids = OrderedDict.fromkeys(state.trained_group_ids)
+            self.intake.restore(state.trained_group_ids)
             if state.unacked_entry_ids:  # the crash may have come before these acks
                 self.consumer.ack(state.unacked_entry_ids)
             log.info("resumed from %s at version %d", path, self.version)
@@ -207,35 +196,10 @@ class Learner:
         if self.publisher is not None:
             self.publisher.resumed(self.published_version)
         for delivery in self.consumer.read_pending():  # what we held before a restart
-            self._accept(delivery)
+            self.intake.accept(delivery)
         metrics.POLICY_VERSION.set(self.version)
 
-    # -- intake -------------------------------------------------------------------------
-
-    def _accept(self, delivery: Delivery[records_pb2.ScoredGroup]) -> None:
-        if delivery.entry_id in self.held_ids:
-            return  # a re-delivery of an entry we hold
-        group_id = delivery.msg.rollout.group_id
-        if group_id in self.trained_ids:
-            self.counters["duplicates_skipped"] += 1
-            self.held_ids.add(delivery.entry_id)
-            self.unacked.append(delivery.entry_id)
-            return
-        try:
-            group = group_from_scored(delivery.msg)
-        except ValueError as exc:
-            self.consumer.dead_letter(delivery, "invalid_group", str(exc))
-            return
-        # A group the step would reject must never reach it: it would fail every step,
-        # and after a restart the same pending entry would fail it again, forever.
-        bad = untrainable_reason(group, self.cfg, self.vocab_size)
-        if bad is not None:
-            log.warning("dead-lettering untrainable group (%s): %s", *bad)
-            self.consumer.dead_letter(delivery, *bad)
-            return
-        correct = sum(1 for s in delivery.msg.scores if s.correct)
-        self.held_ids.add(delivery.entry_id)
-        self.buffer.append(Held(delivery, group, correct))
+    # -- intake (services/learner/intake.py) -------------------------------------------
 
     def admit(self) -> int:
         """Admit the prompts the staleness bound allows now.
@@ -269,27 +233,23 @@ class Learner:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         batch: list[Held] = []
         while True:
-            while self.buffer and len(batch) < self.lc.groups_per_step:
-                item = self.buffer.pop(0)
-                if self.staleness(item.group) > self.lc.max_staleness:
-                    self.counters["groups_dropped_stale"] += 1
-                    metrics.GROUPS_DROPPED_STALE.inc()
-                    self.unacked.append(item.delivery.entry_id)
-                    continue
-                batch.append(item)
+            self.intake.take(self.lc.groups_per_step, self._too_stale, batch)
             if len(batch) >= self.lc.groups_per_step:
                 return batch
             if self.stop_event.is_set() or (deadline is not None and time.monotonic() > deadline):
-                self.buffer[:0] = batch  # keep order for the next attempt
+                self.intake.put_back(batch)
                 return None
-            self.consumer.renew_due(self.held_ids)  # nobody may reclaim them from us
+            self.intake.renew_due()
             if self.publisher is not None:
                 before = self.published_version
                 self._refresh_published()
                 if self.published_version != before:
                     self.admit()  # a newly published version opens the admission window
             for delivery in self._next_deliveries():
-                self._accept(delivery)
+                self.intake.accept(delivery)
+
+    def _too_stale(self, group: TrainGroup) -> bool:
+        return self.staleness(group) > self.lc.max_staleness
 
     def _next_deliveries(self) -> list[Delivery[records_pb2.ScoredGroup]]:
         """What the prefetch thread read meanwhile, or else a read of our own (<= 200 ms)."""
@@ -327,11 +287,7 @@ class Learner:
         seconds = max(time.monotonic() - start, 1e-9)
         metrics.BUSY_SECONDS.inc(seconds)
         self.version += 1
-        for h in batch:
-            self.unacked.append(h.delivery.entry_id)
-            self.trained_ids[h.group.group_id] = None
-        while len(self.trained_ids) > TRAINED_IDS_KEPT:
-            self.trained_ids.popitem(last=False)
+        self.intake.trained(batch)
         n_samples = sum(len(g.completions) for g in groups)
         correct = sum(h.correct for h in batch)
         self.counters["groups_trained"] += len(batch)
@@ -455,18 +411,15 @@ class Learner:
         state = LearnerState(
             version=self.version,
             published_version=self.published_version,
-            unacked_entry_ids=list(self.unacked),
-            trained_group_ids=list(self.trained_ids),
+            unacked_entry_ids=list(self.intake.unacked),
+            trained_group_ids=list(self.intake.trained_ids),
             counters=dict(self.counters),
         )
         self._tell_followers(CHECKPOINT, self.version)
         path = save_checkpoint(
             self.lc.checkpoint_dir, self.model, self.optimizer, self.scheduler, state
         )
-        if self.unacked:
-            self.consumer.ack(self.unacked)
-            self.held_ids.difference_update(self.unacked)
-            self.unacked = []
+        self.intake.ack_checkpointed()
         return str(path)
 
     def request_checkpoint(self) -> Future[str]:

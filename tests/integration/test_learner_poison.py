@@ -116,7 +116,7 @@ def test_poison_groups_are_dead_lettered_at_intake_and_stay_gone(
     del learner
     second = Learner(settings, redis_client, tiny_model(seed=3))
     assert second.version == 2
-    assert not any("poison" in h.group.group_id for h in second.buffer)
+    assert not any("poison" in h.group.group_id for h in second.intake.buffer)
     resumed = train_until(second, 4)
     assert len(resumed) == 2 * 2 and not any("poison" in g for g in resumed)
     assert len(dead_letters(redis_client, settings)) == len(POISON_REASONS)

@@ -189,8 +189,8 @@ def test_a_restarted_learner_refuses_an_oversize_pending_entry(
         update={"streams": streams.model_copy(update={"max_entry_bytes": limit})}
     )
     learner = Learner(settings, redis_client, tiny_model())
-    assert [h.delivery.entry_id for h in learner.buffer] == [ids[0]]
-    assert learner.held_ids == {ids[0]}
+    assert [h.delivery.entry_id for h in learner.intake.buffer] == [ids[0]]
+    assert learner.intake.held_ids == {ids[0]}
     letters = [decode(f, records_pb2.DeadLetter) for _, f in redis_client.xrange(
         streams.key(streams.dead_letter))]  # fmt: skip
     assert [(d.origin_id, d.reason.split(":")[0]) for d in letters] == [(ids[1], REASON_TOO_LARGE)]
