@@ -75,6 +75,19 @@ def init_distributed(device_setting: str) -> DistInfo:
     return DistInfo(rank, world, device)
 
 
+def leave_distributed() -> None:
+    """Leave the process group together at a clean end: a barrier, then destroy it.
+
+    Without it a rank that finishes first tears down its end of the gloo pairs while
+    another is still exiting, and that one aborts in the group's destructor ("terminate
+    called without an active exception", exit -6), failing a run that trained fine.
+    Only for the clean path: after a failure the others may never reach the barrier.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     """``model`` in DistributedDataParallel when several ranks take part, else as it is.
 

@@ -31,7 +31,7 @@ from asympo.transport.redis_conn import connect
 from asympo.transport.weight_broadcast import BroadcastHub, Layout
 from asympo.transport.weights_client import WeightsClient
 from services.learner import metrics
-from services.learner.distributed import init_distributed
+from services.learner.distributed import init_distributed, leave_distributed
 from services.learner.learner import Learner, follow
 from services.learner.loop import TrainingLoop, finish
 from services.learner.prefetch import Prefetcher
@@ -96,6 +96,7 @@ def run(settings: Settings) -> None:
         if task is None:
             steps = follow(settings, trained, info, pad_id)
             log.info("rank %d: trained %d steps", info.rank, steps)
+            leave_distributed()
             return
         redis_client = connect(settings.redis_url(), settings.redis.embedded_dir)
         client = WeightsClient.from_settings(settings)
@@ -146,3 +147,5 @@ def run(settings: Settings) -> None:
         if svc.serve():
             learner.stop_event.set()
             finish(settings, learner, model, tokenizer)
+            if info.active:
+                leave_distributed()
