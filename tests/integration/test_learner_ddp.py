@@ -32,6 +32,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     try:
         for name, groups in batches().items():
             _train_one(rank, world, name, groups, out_dir)
+        # Leave together: a rank that destroys its group while the other still uses the
+        # pairs can abort in the destructor (services/learner/distributed.leave_distributed).
+        dist.barrier()
     finally:
         # Every DDP wrapper is gone by now (it lived in _train_one): freeing one after the
         # group is destroyed makes its Reducer drop the last reference to the gloo group,

@@ -127,6 +127,9 @@ def _worker(rank: int, init_file: str, out: str) -> None:
         _step_phase(rank, out, "bf16", True)
         _resume_phase(rank, out)
         _publish_phase(rank, out)
+        # Leave together: a rank that destroys its group while the other still uses the
+        # pairs can abort in the destructor (services/learner/distributed.leave_distributed).
+        dist.barrier()
     finally:
         # Every FSDP module is gone by now (see test_learner_ddp: freeing a wrapper after
         # the group is destroyed can deadlock in the gloo destructor).
