@@ -30,7 +30,7 @@ import os
 import shutil
 import struct
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +96,17 @@ class FetchResult:
     path: Path
     manifest: records_pb2.WeightsManifest
     bytes_received: int  # 0 when the version was already complete locally
+
+
+def _none_if_not_found(call: Callable[[], Any], what: str) -> Any:
+    """``call()``'s reply, or None when the service answers NOT_FOUND (nothing there yet);
+    any other failure as a WeightsClientError naming ``what``."""
+    try:
+        return call()
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.NOT_FOUND:
+            return None
+        raise _error(exc, what) from exc
 
 
 def _error(exc: grpc.RpcError, what: str) -> WeightsClientError:
@@ -289,14 +300,9 @@ class WeightsClient:
 
     def latest(self) -> records_pb2.WeightsManifest | None:
         """The newest version's manifest, or None while nothing is published."""
-        try:
-            manifest: records_pb2.WeightsManifest = self.stub.Latest(
-                weights_pb2.LatestRequest(), timeout=30
-            )
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise _error(exc, "Latest") from exc
+        manifest: records_pb2.WeightsManifest | None = _none_if_not_found(
+            lambda: self.stub.Latest(weights_pb2.LatestRequest(), timeout=30), "Latest"
+        )
         return manifest
 
     def watch(
@@ -525,14 +531,10 @@ class WeightsClient:
 
     def broadcast_endpoint(self) -> weights_pb2.BroadcastEndpoint | None:
         """Where the learner's broadcast group is joined; None while none is registered."""
-        try:
-            endpoint: weights_pb2.BroadcastEndpoint = self.stub.GetBroadcast(
-                weights_pb2.BroadcastEndpointRequest(), timeout=30
-            )
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise _error(exc, "GetBroadcast") from exc
+        endpoint: weights_pb2.BroadcastEndpoint | None = _none_if_not_found(
+            lambda: self.stub.GetBroadcast(weights_pb2.BroadcastEndpointRequest(), timeout=30),
+            "GetBroadcast",
+        )
         return endpoint
 
     # -- publishing ---------------------------------------------------------------------
