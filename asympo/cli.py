@@ -377,8 +377,15 @@ def experiment_staleness(
             task_seed=settings.task.seed,
             prompt_format=settings.task.prompt_format,
             prompt_preset=settings.task.prompt_preset,
-            # learner.loss (--set learner.loss.nll_eps=0.1 ...) applies to its loss here too.
+            # learner.loss (--set learner.loss.nll_eps=0.1 ...) applies to its loss here too,
+            # and so do the learner's advantage, clipping, schedule and entropy bonus.
             learner_loss=settings.learner.loss,
+            advantage=settings.learner.advantage,
+            grad_clip=settings.learner.grad_clip,
+            warmup_steps=settings.learner.warmup_steps,
+            lr_decay_steps=settings.learner.lr_decay_steps,
+            min_lr_ratio=settings.learner.min_lr_ratio,
+            entropy_coef=settings.learner.entropy_coef,
         )
         shard_of = parse_shard(shard)
     except ValueError as exc:

@@ -217,6 +217,12 @@ class LearnerSettings(Section):
     )
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the decay's floor, x lr")
     grad_clip: float = Field(1.0, ge=0, description="max gradient norm (0 = no clipping)")
+    entropy_coef: float = Field(
+        0.0,
+        ge=0,
+        description="entropy bonus: minus this x the mean entropy of the completion tokens "
+        "is added to the loss (0 = off; docs/losses.md#stabilisers)",
+    )
     groups_per_step: int = Field(8, ge=1)
     micro_batch: int = Field(32, ge=1, description="most sequences per forward/backward")
     max_tokens_per_micro_batch: int = Field(

@@ -35,6 +35,7 @@ from asympo.eval_mode import eval_mode
 from asympo.evaluation import evaluate, hf_greedy
 from asympo.rl.loss_settings import AsympoLoss
 from asympo.rl.losses import LOSSES, LossSettings, loss_settings, needs_behaviour_logprobs
+from asympo.rl.schedule import lr_scheduler
 from asympo.rl.training import StepConfig, TrainGroup, token_logprobs, train_step
 from asympo.tasks import Problem, Task, task_from_settings
 from asympo.verifiers import resolve_verifier, run_verifier
@@ -56,6 +57,11 @@ class StalenessConfig:
     advantage: str = "grpo"
     micro_batch: int = 64
     grad_clip: float = 1.0
+    # learner.warmup_steps / lr_decay_steps / min_lr_ratio: the schedule (asympo.rl.schedule)
+    warmup_steps: int = 0
+    lr_decay_steps: int = 0
+    min_lr_ratio: float = 0.1
+    entropy_coef: float = 0.0  # learner.entropy_coef: the entropy bonus (StepConfig)
     max_tokens: int = 8
     eval_every: int = 10
     eval_size: int = 200
@@ -86,9 +92,19 @@ class StalenessConfig:
         fields = self.as_dict()
         for axis in ("losses", "staleness", "seeds", "threads"):
             fields.pop(axis)
-        for name, default in (("prompt_format", "raw"), ("prompt_preset", "")):
+        added_later: tuple[tuple[str, object], ...] = (
+            ("prompt_format", "raw"),
+            ("prompt_preset", ""),
+            ("warmup_steps", 0),
+            ("lr_decay_steps", 0),
+            ("min_lr_ratio", 0.1),
+            ("entropy_coef", 0.0),
+        )
+        for name, default in added_later:
             if fields[name] == default:  # keys of runs made before these fields existed hold
                 fields.pop(name)
+        if fields["learner_loss"].get("weight_cap") == 0.0:
+            fields["learner_loss"].pop("weight_cap")
         fields["model"] = str(Path(model_path).resolve()) if model_path else ""
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -341,11 +357,13 @@ def run_one(
     model = copy.deepcopy(policy.model)
     sampler = copy.deepcopy(policy.model) if staleness > 0 else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    scheduler = lr_scheduler(optimizer, cfg.warmup_steps, cfg.lr_decay_steps, cfg.min_lr_ratio)
     step_cfg = StepConfig(
         loss=cfg.loss_settings(loss),
         advantage=cfg.advantage,
         micro_batch=cfg.micro_batch,
         grad_clip=cfg.grad_clip,
+        entropy_coef=cfg.entropy_coef,
     )
     with_behaviour = needs_behaviour_logprobs(loss)
     held_out = task.test[: cfg.eval_size]
@@ -365,14 +383,21 @@ def run_one(
             sampler, policy.tokenizer, task, prompts[t], scorer, cfg, version,
             seed=seed * 1_000_003 + t, with_behaviour=with_behaviour, stop=stop,
         )  # fmt: skip
+        lr = float(optimizer.param_groups[0]["lr"])  # the rate this step trains at
         stats = train_step(
-            model, optimizer, groups, step_cfg, pad_id=int(policy.tokenizer.pad_token_id)
+            model,
+            optimizer,
+            groups,
+            step_cfg,
+            scheduler=scheduler,
+            pad_id=int(policy.tokenizer.pad_token_id),
         )
         pos, neg = _positive_negative_counts(groups)
         records.append(
             {
                 "version": float(t + 1),
                 "staleness": float(t - version),
+                "lr": lr,
                 "responses_positive": float(pos),
                 "responses_negative": float(neg),
                 **{k: float(v) for k, v in stats.items()},

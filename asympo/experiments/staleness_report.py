@@ -265,6 +265,18 @@ def results_json(
     )
 
 
+def _schedule_note(cfg: StalenessConfig) -> str:
+    """The schedule and entropy bonus of the runs, when they differ from the defaults."""
+    parts = []
+    if cfg.warmup_steps:
+        parts.append(f"a {cfg.warmup_steps}-step linear warm-up")
+    if cfg.lr_decay_steps:
+        parts.append(f"a cosine decay over {cfg.lr_decay_steps} steps to {cfg.min_lr_ratio}× lr")
+    if cfg.entropy_coef:
+        parts.append(f"entropy bonus {cfg.entropy_coef}")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def _manifest_note(model_path: str) -> str:
     """What the tiny model's manifest says about its warm start, if it has one."""
     file = Path(model_path) / "asympo_model.json"
@@ -326,6 +338,7 @@ def write_report(
     plot_accuracy(runs, warm_accuracy, paths["accuracy_png"])
     plot_balance(cells, paths["balance_png"])
     seconds = sum(r.seconds for r in runs)
+    lr_text = f"{cfg.lr}{_schedule_note(cfg)}"
     body = f"""# Staleness experiment: ASymPO vs. naive and behaviour-corrected losses
 
 Every run trains the model `{model_path}`{_manifest_note(model_path)} (held-out greedy
@@ -338,7 +351,7 @@ and the current policy (version t) is trained on them. `grpo` (PPO-clip) and `ti
 `asympo`, `spo` and `reinforce` receive none.
 
 Budget, identical for every cell: {cfg.steps} steps × {cfg.groups_per_step} prompts ×
-{cfg.samples_per_group} samples = {cfg.samples_per_run()} samples per run; AdamW lr {cfg.lr},
+{cfg.samples_per_group} samples = {cfg.samples_per_run()} samples per run; AdamW lr {lr_text},
 grad-clip {cfg.grad_clip}, `{cfg.advantage}` advantages, sequence-mean aggregation,
 temperature 1 (full softmax), at most {cfg.max_tokens} new tokens; held-out greedy accuracy
 on {cfg.eval_size} problems every {cfg.eval_every} steps; seeds {list(cfg.seeds)} (the seed

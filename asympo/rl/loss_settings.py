@@ -33,6 +33,12 @@ class AsympoLoss(LossSettings):
 
     name: Literal["asympo"] = "asympo"
     nll_eps: float = Field(1e-4, gt=0, description="floor of the mean NLL ASymPO divides by")
+    weight_cap: float = Field(
+        0.0,
+        ge=0,
+        description="per-token weight clipping: a response's scale |A_i| / m_i is at most "
+        "this (its tokens' weight |A_i| / (n_i m_i) at most weight_cap / n_i); 0 = off",
+    )
 
 
 class SpoLoss(LossSettings):

@@ -248,9 +248,14 @@ def asympo_loss(
 
     Per-response loss (seq-mean) is ``A_i`` (for ``m_i >= nll_eps``), so a group's losses
     sum to zero; the gradient is ``A_i * grad log m_i``. Shapes: see the module docstring.
+    ``weight_cap`` > 0 also floors the divisor at ``|A_i| / weight_cap``: a response's
+    scale ``|A_i| / m_i`` (its tokens' weight times ``n_i``) is at most ``weight_cap``, at
+    the price of the zero sum for the responses where the cap binds.
     """
     b = _prepare(logprobs, mask, advantages)
     scale = b.nll.clamp(min=cfg.nll_eps)  # detached: the stop-gradient
+    if cfg.weight_cap > 0:
+        scale = torch.maximum(scale, b.advantages.abs() / cfg.weight_cap)
     token_loss = b.advantages[:, None] * (-b.logprobs) / scale[:, None]
     return _finish(token_loss, b, cfg.aggregation)
 

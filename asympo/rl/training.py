@@ -85,7 +85,7 @@ class TrainGroup:
 
 @dataclass(frozen=True)
 class StepConfig:
-    """How a step trains: loss, advantage estimator, micro-batch budget, clipping.
+    """How a step trains: loss, advantage estimator, micro-batch budget, clipping, bonus.
 
     A micro-batch holds at most ``micro_batch`` sequences and at most
     ``max_tokens_per_micro_batch`` padded tokens (sequences x longest); 0 = no token cap.
@@ -98,12 +98,16 @@ class StepConfig:
     max_tokens_per_micro_batch: int = 0
     grad_clip: float = 1.0  # max gradient norm; 0 = no clipping
     temperature: float = 1.0  # logits are divided by it, as the sampler did
+    # An entropy bonus: minus this times the mean entropy over the batch's completion tokens.
+    entropy_coef: float = 0.0
 
     def __post_init__(self) -> None:
         if self.micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {self.micro_batch}")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0 (0 = no clipping), got {self.grad_clip}")
+        if self.entropy_coef < 0:
+            raise ValueError(f"entropy_coef must be >= 0 (0 = off), got {self.entropy_coef}")
 
 
 # Why a group cannot be trained (the ``reason`` label of asympo_dead_letters_total).
@@ -221,8 +225,13 @@ def _logprobs_and_entropy(
     attention_mask: Tensor,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Token log-probs ``[B, L]`` and, ``with_entropy``, entropy and ``sum_v p_v^2`` ``[B, L]``."""
+    """Token log-probs ``[B, L]`` and, ``with_entropy``, entropy and ``sum_v p_v^2`` ``[B, L]``.
+
+    ``entropy_grad``: the entropy is differentiable (an entropy bonus trains on it), at the
+    cost of a ``[B, L, V]`` softmax kept for the backward.
+    """
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
     if temperature != 1.0:
         logits = logits / temperature
@@ -232,7 +241,12 @@ def _logprobs_and_entropy(
     zero = torch.zeros_like(picked[:, :1])
     logprobs = torch.cat([zero, picked], dim=1)
     entropy = sum_p2 = None
-    if with_entropy:
+    if with_entropy and entropy_grad:
+        probs = torch.softmax(logits, dim=-1)
+        entropy = torch.cat([zero, lse - (probs * logits).sum(dim=-1)], dim=1)
+        with torch.no_grad():
+            sum_p2 = torch.cat([zero.detach(), (probs * probs).sum(dim=-1)], dim=1)
+    elif with_entropy:
         # One row at a time: a [B, L, V] float32 softmax is the largest tensor otherwise.
         # sum p^2 rides along (one more reduction): it gives the logit-gradient norms.
         with torch.no_grad():
@@ -343,9 +357,15 @@ def train_step(
     units_local = (
         sum(1 for n in lengths if n > 0) if cfg.loss.aggregation == "seq-mean" else sum(lengths)
     )
-    units = all_reduce(torch.tensor(float(units_local), dtype=torch.float64, device=device))
+    counts = all_reduce(
+        torch.tensor([float(units_local), float(sum(lengths))], dtype=torch.float64, device=device)
+    )
+    units = counts[0]
     # DDP averages gradients over ranks; the factor world undoes that.
     scale = (world / units.clamp(min=1.0)).float()
+    # The entropy bonus is a mean over every completion token of the batch (all ranks).
+    entropy_scale = (cfg.entropy_coef * world / counts[1].clamp(min=1.0)).float()
+    with_bonus = cfg.entropy_coef > 0
     host = torch.tensor(
         [
             float(sum(lengths)),
@@ -374,7 +394,12 @@ def train_step(
         )
         with ctx:
             logprobs, entropy, sum_p2 = _logprobs_and_entropy(
-                model, mb.input_ids, mb.attention_mask, cfg.temperature, with_entropy=True
+                model,
+                mb.input_ids,
+                mb.attention_mask,
+                cfg.temperature,
+                with_entropy=True,
+                entropy_grad=with_bonus,
             )
             # The loss sees a detached copy, so its backward yields w = dL/dlog p per token
             # (the token weight of every loss, ratio-weighted ones included) before the model.
@@ -388,7 +413,14 @@ def train_step(
             )
             (terms.total * scale).backward()
             assert lp.grad is not None and entropy is not None and sum_p2 is not None
-            logprobs.backward(lp.grad)
+            if with_bonus:
+                # One backward through the model for both: the loss's token weights into
+                # the log-probs, and the bonus (maximised, so subtracted) into the logits.
+                bonus = -(entropy * mb.completion_mask).sum() * entropy_scale
+                torch.autograd.backward([logprobs, bonus], [lp.grad, None])
+                entropy = entropy.detach()
+            else:
+                logprobs.backward(lp.grad)
         # The full-batch token weight is lp.grad / world (the DDP factor is not part of L).
         norms = logit_grad_norms(lp.grad / world, lp.detach(), sum_p2) * mb.completion_mask
         per_row = norms.sum(dim=1)

@@ -18,7 +18,6 @@ Delivery semantics (what makes resume exact):
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import queue
@@ -32,6 +31,7 @@ import torch
 
 from asympo.config import Settings
 from asympo.rl.probe import probe_logprobs, probe_tokens
+from asympo.rl.schedule import lr_scheduler
 from asympo.rl.training import (
     StepConfig,
     TrainGroup,
@@ -85,6 +85,7 @@ def step_config(settings: Settings) -> StepConfig:
         micro_batch=lc.micro_batch,
         max_tokens_per_micro_batch=lc.max_tokens_per_micro_batch,
         grad_clip=lc.grad_clip,
+        entropy_coef=lc.entropy_coef,
         temperature=settings.sampling.temperature if settings.sampling.temperature > 0 else 1.0,
     )
 
@@ -92,26 +93,10 @@ def step_config(settings: Settings) -> StepConfig:
 def make_optimizer(
     model: torch.nn.Module, settings: Settings
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW with the learning-rate schedule of :func:`lr_factor`."""
+    """AdamW with the learning-rate schedule of :func:`asympo.rl.schedule.lr_factor`."""
     lc = settings.learner
     optimizer = torch.optim.AdamW(model.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(
-        optimizer, functools.partial(lr_factor, lc.warmup_steps, lc.lr_decay_steps, lc.min_lr_ratio)
-    )
-
-
-def lr_factor(warmup: int, decay: int, floor: float, step: int) -> float:
-    """The multiple of ``learner.lr`` used at optimiser step ``step`` (0-based).
-
-    A linear warm-up over ``warmup`` steps, then a cosine from 1 down to ``floor`` over
-    ``decay`` steps, then ``floor`` (``decay`` = 0: constant 1 after the warm-up).
-    """
-    if step < warmup:
-        return (step + 1) / warmup
-    if decay <= 0:
-        return 1.0
-    t = min(step - warmup, decay) / decay
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+    return optimizer, lr_scheduler(optimizer, lc.warmup_steps, lc.lr_decay_steps, lc.min_lr_ratio)
 
 
 class Learner:

@@ -151,6 +151,36 @@ def test_asympo_gradient_is_advantage_times_grad_log_mean_nll(aggregation: Aggre
     assert torch.all(grad[~mask] == 0)
 
 
+@given(cap=st.floats(0.05, 20.0), seed=st.integers(0, 10_000))
+@settings(max_examples=40, deadline=None)
+def test_asympo_weight_cap_bounds_each_response_scale(cap: float, seed: int) -> None:
+    """learner.loss.weight_cap: the token weight is A_i / (n_i max(m_i, |A_i| / cap))."""
+    base, mask, adv = stale_batch(seed)
+    lp = base.clone().requires_grad_(True)
+    loss, _ = compute_loss("asympo", lp, mask, adv, cfg=AsympoLoss(weight_cap=cap))
+    (grad,) = torch.autograd.grad(loss, lp)
+
+    fmask = mask.float()
+    n = fmask.sum(dim=1)
+    m = -(base * fmask).sum(dim=1) / n
+    # seq-mean over B responses: d loss / d lp[i, t] = -A_i / (B n_i scale_i)
+    per_response = -(grad * fmask).sum(dim=1) * len(n)  # = A_i / scale_i
+    capped = adv.abs() / m > cap
+    expected = torch.where(capped, adv.sign() * cap, adv / m)
+    torch.testing.assert_close(per_response, expected, rtol=1e-5, atol=1e-6)
+    assert torch.all((per_response.abs() <= cap * (1 + 1e-5)) | (adv == 0))
+
+
+def test_asympo_weight_cap_zero_is_the_plain_loss() -> None:
+    base, mask, adv = stale_batch(5)
+    lp1 = base.clone().requires_grad_(True)
+    lp2 = base.clone().requires_grad_(True)
+    compute_loss("asympo", lp1, mask, adv, cfg=AsympoLoss(weight_cap=0.0))[0].backward()
+    compute_loss("asympo", lp2, mask, adv)[0].backward()
+    assert lp1.grad is not None and lp2.grad is not None
+    assert torch.equal(lp1.grad, lp2.grad)
+
+
 def test_without_stop_gradient_the_asympo_gradient_would_vanish() -> None:
     """Why sg() matters: A_i * m_i / m_i is constant, so its gradient is exactly zero."""
     base, mask, adv = stale_batch(2)

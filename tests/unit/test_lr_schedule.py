@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from asympo.config import load_settings
-from services.learner.learner import lr_factor, make_optimizer
+from asympo.rl.schedule import lr_factor
+from services.learner.learner import make_optimizer
 
 
 def test_warmup_then_cosine_to_the_floor_then_held() -> None:
