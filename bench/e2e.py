@@ -26,7 +26,7 @@ is measured; untrained samples run to ``max_tokens``, the longest case).
 Redis: REDIS_URL, else 127.0.0.1:6379 if it answers, else an embedded server; every key
 of a run is deleted at the end.
 
-    .venv/bin/python bench/e2e.py [--staleness 0,1,2,4] [--steps 12] [--warmup 2]
+    .venv/bin/python bench/e2e.py [--staleness 0,1,2,4] [--steps 30] [--warmup 4]
                                   [--groups 8] [--samples 8] [--json]
 """
 
@@ -73,8 +73,8 @@ class BenchConfig:
     """What to run: settings, sizes, and which isolated stages to time."""
 
     staleness: list[int] = field(default_factory=lambda: [0, 1, 2, 4])
-    steps: int = 12  # measured steps per setting (after the warm-up)
-    warmup: int = 2
+    steps: int = 30  # measured steps per setting (after the warm-up); 12 was too noisy
+    warmup: int = 4
     groups: int = 8
     samples: int = 8
     max_tokens: int = 24
@@ -486,13 +486,16 @@ def render(rep: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run, print the table (or JSON)."""
+    d = BenchConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--staleness", default="0,1,2,4", help="max_staleness settings")
-    p.add_argument("--steps", type=int, default=12, help="measured steps per setting")
-    p.add_argument("--warmup", type=int, default=2, help="steps before the clock starts")
-    p.add_argument("--groups", type=int, default=8, help="prompts per step")
-    p.add_argument("--samples", type=int, default=8, help="samples per prompt")
-    p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument(
+        "--staleness", default=",".join(map(str, d.staleness)), help="max_staleness settings"
+    )
+    p.add_argument("--steps", type=int, default=d.steps, help="measured steps per setting")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="steps before the clock starts")
+    p.add_argument("--groups", type=int, default=d.groups, help="prompts per step")
+    p.add_argument("--samples", type=int, default=d.samples, help="samples per prompt")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens)
     p.add_argument("--learner-threads", type=int, default=0, help="0 = threads.learner")
     p.add_argument("--model", default="", help="model directory (default: see docstring)")
     p.add_argument("--no-engine-alone", action="store_true", help="skip the engine-alone run")
