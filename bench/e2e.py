@@ -290,6 +290,39 @@ def isolated_train(
     return statistics.median(times) / (cfg.groups * cfg.samples)
 
 
+def isolated_reward(
+    cfg: BenchConfig, settings: Settings, groups: list[records_pb2.ScoredGroup]
+) -> float:
+    """Seconds per sample of the reward service's verifier pool alone on the run's responses.
+
+    The pool the reward service runs (same size, limits and plug-ins), one step's responses
+    per ``score_many`` call, as the service scores a batch.
+    """
+    from asympo.verifiers.pool import VerifierPool
+
+    rc = settings.reward
+    items = [
+        (g.rollout.prompt.verifier, s.completion_text, g.rollout.prompt.reference_answer)
+        for g in groups
+        for s in g.rollout.samples
+    ]
+    per_step = cfg.groups * cfg.samples
+    batches = [items[i : i + per_step] for i in range(0, len(items), per_step)]
+    batches = [b for b in batches if len(b) == per_step][: cfg.isolate_reps + 1]
+    if len(batches) < 2:
+        raise RuntimeError("too few scored groups to time the verifiers alone")
+    with VerifierPool(
+        rc.pool_size, rc.time_limit_s, plugins=rc.plugins, format_reward=rc.format_reward
+    ) as pool:
+        times = []
+        for i, batch in enumerate(batches):
+            start = time.perf_counter()
+            pool.score_many(batch)
+            if i:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times) / per_step
+
+
 def isolated_generate(
     cfg: BenchConfig, settings: Settings, model_path: str, prompts: list[records_pb2.PromptTask]
 ) -> float:
@@ -355,11 +388,15 @@ def run_bench(cfg: BenchConfig, url: str | None = None, log: Callable[[str], Non
     # Each stage alone runs under the same thread budget as its service.
     torch.set_num_threads(threads["learner"])
     train_s = isolated_train(cfg, base, model_path, sync_groups)
+    reward_s = isolated_reward(cfg, base, sync_groups)
     gen_s = None
     if cfg.isolate_engine:
         os.environ["OMP_NUM_THREADS"] = str(threads["rollout"])  # the engine core inherits it
         gen_s = isolated_generate(cfg, base, model_path, sync_prompts)
-    return report(cfg, rows, train_s, gen_s, threads, load_before, model_path)
+    return report(
+        cfg, rows, train_s, gen_s, threads, load_before, model_path, reward_s,
+        reward_cores=float(min(base.reward.pool_size, cores)),
+    )  # fmt: skip
 
 
 def report(
@@ -370,6 +407,8 @@ def report(
     threads: dict[str, int],
     load_before: tuple[float, float, float],
     model_path: str,
+    reward_s: float | None = None,
+    reward_cores: float = 1.0,
 ) -> dict[str, Any]:
     """Add ratios, stage limits and the pipeline model's bounds to the measured rows."""
     batch = cfg.groups * cfg.samples
@@ -379,7 +418,11 @@ def report(
     publish = statistics.fmean(r["step_publish_s"] for r in rows)
     swaps = [r["swap_s"] for r in rows if r["swap_s"] is not None]
     swap = statistics.fmean(swaps) if swaps else 0.0
-    stage_limits = {"train": 1 / train_s, **({"generate": 1 / gen_s} if gen_s else {})}
+    stage_limits = {
+        "train": 1 / train_s,
+        **({"generate": 1 / gen_s} if gen_s else {}),
+        **({"reward": 1 / reward_s} if reward_s else {}),
+    }
     out: dict[str, Any] = {
         "config": {
             "staleness": cfg.staleness,
@@ -401,6 +444,7 @@ def report(
         "stages": {
             "train_s_per_sample": train_s,
             "generate_s_per_sample": gen_s,
+            "reward_s_per_sample": reward_s,
             "publish_s": publish,
             "swap_s": swap,
         },
@@ -413,6 +457,9 @@ def report(
             Stage("generate", gen_s, swap, cores=float(threads["rollout"])),
             Stage("train", train_s, publish, cores=float(threads["learner"])),
         ]
+        if reward_s:
+            # The verifier pool's workers are processes of their own, busy together.
+            stages.append(Stage("reward", reward_s, cores=reward_cores))
         model = project(stages, batch, max_staleness=2, shared_cores=cores)
         slowest = min(stage_limits.values())
         k2 = next((r for r in rows if r["max_staleness"] == 2), None)

@@ -59,5 +59,8 @@ def test_short_e2e_bench_accounts_for_every_setting(tmp_path: Path, redis_url: s
     assert rows[0]["staleness_mean"] == 0.0  # max_staleness 0 is truly synchronous
     assert rows[0]["ratio_to_sync"] == pytest.approx(1.0)
     assert rep["stages"]["train_s_per_sample"] > 0
+    # The verifiers alone on the same responses: the pipeline's third stage.
+    assert rep["stages"]["reward_s_per_sample"] > 0
+    assert set(rep["stage_limits_samples_per_s"]) == {"train", "reward"}
     text = bench.render(rep)
     assert "samples/s" in text and "stages alone" in text
