@@ -386,6 +386,7 @@ def experiment_staleness(
             lr_decay_steps=settings.learner.lr_decay_steps,
             min_lr_ratio=settings.learner.min_lr_ratio,
             entropy_coef=settings.learner.entropy_coef,
+            kl_coef=settings.learner.kl_coef,
         )
         shard_of = parse_shard(shard)
     except ValueError as exc:

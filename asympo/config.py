@@ -223,6 +223,13 @@ class LearnerSettings(Section):
         description="entropy bonus: minus this x the mean entropy of the completion tokens "
         "is added to the loss (0 = off; docs/losses.md#stabilisers)",
     )
+    kl_coef: float = Field(
+        0.0,
+        ge=0,
+        description="KL penalty towards the starting model (k3 estimate, mean over "
+        "completion tokens) added to the loss (0 = off; strategy single or ddp; one more "
+        "model in memory and one more forward per micro-batch)",
+    )
     groups_per_step: int = Field(8, ge=1)
     micro_batch: int = Field(32, ge=1, description="most sequences per forward/backward")
     max_tokens_per_micro_batch: int = Field(
@@ -266,6 +273,15 @@ class LearnerSettings(Section):
         if isinstance(value, dict) and "name" not in value:
             return {**value, "name": DEFAULT_LOSS}
         return value
+
+    @model_validator(mode="after")
+    def _kl_needs_a_whole_reference(self) -> LearnerSettings:
+        if self.kl_coef > 0 and self.strategy == "fsdp":
+            raise ValueError(
+                "learner.kl_coef needs learner.strategy single or ddp: the reference model "
+                "is kept whole on every rank, not sharded"
+            )
+        return self
 
     @model_validator(mode="after")
     def _publish_within_staleness(self) -> LearnerSettings:

@@ -62,6 +62,7 @@ class StalenessConfig:
     lr_decay_steps: int = 0
     min_lr_ratio: float = 0.1
     entropy_coef: float = 0.0  # learner.entropy_coef: the entropy bonus (StepConfig)
+    kl_coef: float = 0.0  # learner.kl_coef: the KL penalty towards the warm start
     max_tokens: int = 8
     eval_every: int = 10
     eval_size: int = 200
@@ -99,6 +100,7 @@ class StalenessConfig:
             ("lr_decay_steps", 0),
             ("min_lr_ratio", 0.1),
             ("entropy_coef", 0.0),
+            ("kl_coef", 0.0),
         )
         for name, default in added_later:
             if fields[name] == default:  # keys of runs made before these fields existed hold
@@ -364,6 +366,7 @@ def run_one(
         micro_batch=cfg.micro_batch,
         grad_clip=cfg.grad_clip,
         entropy_coef=cfg.entropy_coef,
+        kl_coef=cfg.kl_coef,
     )
     with_behaviour = needs_behaviour_logprobs(loss)
     held_out = task.test[: cfg.eval_size]
@@ -391,6 +394,7 @@ def run_one(
             step_cfg,
             scheduler=scheduler,
             pad_id=int(policy.tokenizer.pad_token_id),
+            reference=policy.model,  # the warm start, never trained (runs train a copy)
         )
         pos, neg = _positive_negative_counts(groups)
         records.append(

@@ -274,6 +274,8 @@ def _schedule_note(cfg: StalenessConfig) -> str:
         parts.append(f"a cosine decay over {cfg.lr_decay_steps} steps to {cfg.min_lr_ratio}× lr")
     if cfg.entropy_coef:
         parts.append(f"entropy bonus {cfg.entropy_coef}")
+    if cfg.kl_coef:
+        parts.append(f"KL penalty {cfg.kl_coef} towards the warm start")
     return f" ({', '.join(parts)})" if parts else ""
 
 

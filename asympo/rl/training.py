@@ -100,6 +100,9 @@ class StepConfig:
     temperature: float = 1.0  # logits are divided by it, as the sampler did
     # An entropy bonus: minus this times the mean entropy over the batch's completion tokens.
     entropy_coef: float = 0.0
+    # A KL penalty towards a frozen reference policy: this times the mean k3 estimate of
+    # KL(policy || reference) over the batch's completion tokens (needs ``reference``).
+    kl_coef: float = 0.0
 
     def __post_init__(self) -> None:
         if self.micro_batch < 1:
@@ -108,6 +111,8 @@ class StepConfig:
             raise ValueError(f"grad_clip must be >= 0 (0 = no clipping), got {self.grad_clip}")
         if self.entropy_coef < 0:
             raise ValueError(f"entropy_coef must be >= 0 (0 = off), got {self.entropy_coef}")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0 (0 = off), got {self.kl_coef}")
 
 
 # Why a group cannot be trained (the ``reason`` label of asympo_dead_letters_total).
@@ -310,7 +315,7 @@ def _micro_batches(seqs: list[_Sequence], cfg: StepConfig) -> Iterator[list[_Seq
 
 # What the step adds up besides the loss's SUM_KEYS, in this order: on the device, per
 # micro-batch ...
-_DEVICE_KEYS = ("entropy", "update_norm_positive", "update_norm_negative")
+_DEVICE_KEYS = ("entropy", "kl", "update_norm_positive", "update_norm_negative")
 # ... and known on the host before the step.
 _HOST_KEYS = ("tokens", "samples", "zero_adv_groups", "groups", "reward_sum")
 
@@ -322,8 +327,12 @@ def train_step(
     cfg: StepConfig,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     pad_id: int = 0,
+    reference: torch.nn.Module | None = None,
 ) -> dict[str, float]:
     """Train one optimiser step on ``groups`` (this rank's share under torch.distributed).
+
+    ``reference``: the frozen policy the KL penalty (``cfg.kl_coef`` > 0) pulls towards;
+    required then, unused otherwise.
 
     ``model`` may be wrapped in DistributedDataParallel; micro-batches other than the
     last skip the gradient sync. Returns statistics over the whole batch (all ranks):
@@ -341,6 +350,9 @@ def train_step(
     ValueError for any other group :func:`untrainable_reason` rejects.
     """
     needs_behaviour = loss_spec(cfg.loss.name).needs_behaviour
+    with_kl = cfg.kl_coef > 0
+    if with_kl and reference is None:
+        raise ValueError("kl_coef > 0 needs the reference policy (train_step(reference=...))")
     for g in groups:
         bad = untrainable_reason(g, cfg)
         if bad is not None and bad[0] == REASON_NO_BEHAVIOUR:
@@ -365,6 +377,7 @@ def train_step(
     scale = (world / units.clamp(min=1.0)).float()
     # The entropy bonus is a mean over every completion token of the batch (all ranks).
     entropy_scale = (cfg.entropy_coef * world / counts[1].clamp(min=1.0)).float()
+    kl_scale = (cfg.kl_coef * world / counts[1].clamp(min=1.0)).float()
     with_bonus = cfg.entropy_coef > 0
     host = torch.tensor(
         [
@@ -413,6 +426,20 @@ def train_step(
             )
             (terms.total * scale).backward()
             assert lp.grad is not None and entropy is not None and sum_p2 is not None
+            policy_weight = lp.grad
+            kl = torch.zeros_like(lp)
+            if with_kl:
+                assert reference is not None
+                with torch.no_grad():
+                    ref = token_logprobs(
+                        reference, mb.input_ids, mb.attention_mask, cfg.temperature
+                    )
+                    # k3 = exp(d) - d - 1 with d = log ref - log pi: >= 0, unbiased for the
+                    # KL(pi || ref) of samples drawn from pi; its gradient in log pi is
+                    # 1 - exp(d) (the penalty's token weight, added to the loss's).
+                    d = torch.where(mb.completion_mask, ref - lp.detach(), torch.zeros_like(lp))
+                    kl = (torch.exp(d) - d - 1.0) * mb.completion_mask
+                    lp.grad = lp.grad + kl_scale * (1.0 - torch.exp(d)) * mb.completion_mask
             if with_bonus:
                 # One backward through the model for both: the loss's token weights into
                 # the log-probs, and the bonus (maximised, so subtracted) into the logits.
@@ -421,8 +448,9 @@ def train_step(
                 entropy = entropy.detach()
             else:
                 logprobs.backward(lp.grad)
-        # The full-batch token weight is lp.grad / world (the DDP factor is not part of L).
-        norms = logit_grad_norms(lp.grad / world, lp.detach(), sum_p2) * mb.completion_mask
+        # The full-batch token weight is the loss's share of lp.grad / world (the DDP factor
+        # is not part of L): the update split measures the policy loss alone.
+        norms = logit_grad_norms(policy_weight / world, lp.detach(), sum_p2) * mb.completion_mask
         per_row = norms.sum(dim=1)
         zero = torch.zeros_like(per_row)
         sums += torch.cat(
@@ -431,6 +459,7 @@ def train_step(
                 torch.stack(
                     [
                         (entropy * mb.completion_mask).sum(),
+                        kl.sum(),
                         torch.where(mb.advantages > 0, per_row, zero).sum(),
                         torch.where(mb.advantages < 0, per_row, zero).sum(),
                     ]
@@ -455,7 +484,10 @@ def train_step(
     values = torch.cat([totals, ratio_max, grad_norm.reshape(1).to(totals), units.reshape(1)])
     keys = (*SUM_KEYS, *_DEVICE_KEYS, *_HOST_KEYS, "ratio_max", "grad_norm", "units")
     t = dict(zip(keys, values.tolist(), strict=True))
-    return _step_metrics(t, needs_behaviour)
+    out = _step_metrics(t, needs_behaviour)
+    if with_kl:
+        out["kl"] = t["kl"] / t["tokens"] if t["tokens"] > 0 else 0.0
+    return out
 
 
 def _empty_passes(model: torch.nn.Module, n_batches: int) -> int:

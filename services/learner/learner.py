@@ -86,6 +86,7 @@ def step_config(settings: Settings) -> StepConfig:
         max_tokens_per_micro_batch=lc.max_tokens_per_micro_batch,
         grad_clip=lc.grad_clip,
         entropy_coef=lc.entropy_coef,
+        kl_coef=lc.kl_coef,
         temperature=settings.sampling.temperature if settings.sampling.temperature > 0 else 1.0,
     )
 
@@ -156,6 +157,8 @@ class Learner:
         self.published_version = -1  # newest version verified in the store
         self.submitted_version = -1  # newest version handed to the publisher
         self.publish_blocked_s = 0.0  # the training loop's blocked time in the last publish
+        # The frozen starting model learner.kl_coef pulls towards (set by the service).
+        self.reference: torch.nn.Module | None = None
         self._checkpoint_s_since_record = 0.0  # goes into the next step's record
         # Set by the service (learner.prefetch): reads the stream on its own thread.
         self.prefetcher: Prefetcher | None = None
@@ -267,7 +270,13 @@ class Learner:
             broadcast_batch([h.delivery.msg.SerializeToString() for h in batch])
             local = shard(groups, self.dist)
         stats = train_step(
-            self.model, self.optimizer, local, self.cfg, self.scheduler, pad_id=self.pad_id
+            self.model,
+            self.optimizer,
+            local,
+            self.cfg,
+            self.scheduler,
+            pad_id=self.pad_id,
+            reference=self.reference,
         )
         seconds = max(time.monotonic() - start, 1e-9)
         metrics.BUSY_SECONDS.inc(seconds)
@@ -444,7 +453,13 @@ class Learner:
             broadcast_batch(None)
 
 
-def follow(settings: Settings, model: torch.nn.Module, info: DistInfo, pad_id: int = 0) -> int:
+def follow(
+    settings: Settings,
+    model: torch.nn.Module,
+    info: DistInfo,
+    pad_id: int = 0,
+    reference: torch.nn.Module | None = None,
+) -> int:
     """Ranks > 0: train the shard of every batch rank 0 broadcasts until it says stop.
 
     Resumes model, optimiser and scheduler from the same checkpoint as rank 0 (the
@@ -460,7 +475,7 @@ def follow(settings: Settings, model: torch.nn.Module, info: DistInfo, pad_id: i
     while (command := receive_command()).kind != STOP:
         if command.kind == BATCH:
             groups = shard(decode_batch(command.payload or []), info)
-            train_step(model, optimizer, groups, cfg, scheduler, pad_id=pad_id)
+            train_step(model, optimizer, groups, cfg, scheduler, pad_id=pad_id, reference=reference)
             steps += 1
         elif command.kind == CHECKPOINT:
             save_checkpoint_shards(settings.learner.checkpoint_dir, command.arg, model, optimizer)

@@ -85,6 +85,12 @@ def run(settings: Settings) -> None:
         layout = Layout.of(model.state_dict())  # what a snapshot holds, before any sharding
         tokenizer = load_tokenizer(path)
         pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        # learner.kl_coef: the starting weights, frozen (a resumed run pulls towards the
+        # same model: model.path, not its checkpoint).
+        reference = None
+        if lc.kl_coef > 0:
+            reference = load_causal_lm(path, settings.model.dtype, str(info.device))
+            reference.eval().requires_grad_(False)
         trained = wrap_model(
             model,
             info,
@@ -94,7 +100,7 @@ def run(settings: Settings) -> None:
             lc.activation_checkpointing,
         )
         if task is None:
-            steps = follow(settings, trained, info, pad_id)
+            steps = follow(settings, trained, info, pad_id, reference)
             log.info("rank %d: trained %d steps", info.rank, steps)
             leave_distributed()
             return
@@ -122,6 +128,7 @@ def run(settings: Settings) -> None:
             pad_id=pad_id,
             dist_info=info,
         )
+        learner.reference = reference
         if lc.prefetch:
             learner.prefetcher = Prefetcher(
                 learner.consumer, lc.groups_per_step, max_queued=2 * lc.groups_per_step

@@ -34,6 +34,8 @@ def test_list_override_and_string_kept(monkeypatch: pytest.MonkeyPatch) -> None:
         (["lr"], "section.key=value"),
         (["streams.run_id=a b"], "streams.run_id"),
         (["weights.transport=nccl"], "weights.transport"),
+        (["learner.kl_coef=0.1", "learner.strategy=fsdp"], "learner.kl_coef"),
+        (["learner.entropy_coef=-1"], "learner.entropy_coef"),
     ],
 )
 def test_bad_values_give_readable_errors(overrides: list[str], needle: str) -> None:

@@ -67,6 +67,8 @@ def reference_gradient_step(
     clip: float,
     loss: str,
     entropy_coef: float = 0.0,
+    kl_coef: float = 0.0,
+    reference: Qwen2ForCausalLM | None = None,
 ) -> tuple[float, float, float, float, float]:
     """ASymPO / REINFORCE seq-mean written out by hand, one unpadded sequence at a time.
 
@@ -75,10 +77,12 @@ def reference_gradient_step(
     completion tokens (by autograd on the logits). ``entropy_coef`` adds the entropy bonus
     to what is differentiated (minus the coefficient times the mean over all completion
     tokens); the returned loss is the policy loss alone, as the step reports it.
+    ``kl_coef`` adds the k3 KL estimate towards ``reference`` (mean over completion tokens).
     """
     terms = []
     entropies = []
     bonus_terms = []
+    kl_terms = []
     side_logits: list[tuple[torch.Tensor, int, float]] = []
     for g in groups:
         r = torch.tensor(g.rewards)
@@ -92,6 +96,12 @@ def reference_gradient_step(
             logp = torch.log_softmax(logits, dim=-1)
             targets = ids[0, 1:]
             lp = logp[torch.arange(len(targets)), targets][len(g.prompt_tokens) - 1 :]
+            if reference is not None:
+                with torch.no_grad():
+                    ref_logp = torch.log_softmax(reference(input_ids=ids).logits[0, :-1], dim=-1)
+                ref_lp = ref_logp[torch.arange(len(targets)), targets][len(g.prompt_tokens) - 1 :]
+                d = ref_lp - lp
+                kl_terms.append(torch.exp(d) - d - 1)
             completion_logp = logp[len(g.prompt_tokens) - 1 :]
             bonus_terms.append(-(completion_logp.exp() * completion_logp).sum(dim=-1))
             completion_logp = completion_logp.detach()
@@ -103,7 +113,10 @@ def reference_gradient_step(
                 terms.append(a * m)
     total = torch.stack(terms).mean()
     model.zero_grad()
-    (total - entropy_coef * torch.cat(bonus_terms).mean()).backward()
+    objective = total - entropy_coef * torch.cat(bonus_terms).mean()
+    if kl_terms:
+        objective = objective + kl_coef * torch.cat(kl_terms).mean()
+    objective.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     norm = torch.sqrt(torch.stack([(g**2).sum() for g in grads]).sum())
     split = {1: 0.0, -1: 0.0}
@@ -190,6 +203,51 @@ def test_the_entropy_bonus_matches_the_independent_reference(micro_batch: int) -
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
     # ... and the bonus did something: the same step without it lands elsewhere.
     assert plain["grad_norm"] != pytest.approx(stats["grad_norm"], rel=1e-3)
+
+
+@pytest.mark.parametrize("micro_batch", [1, 64])
+def test_the_kl_penalty_matches_the_independent_reference(micro_batch: int) -> None:
+    """learner.kl_coef: the step descends loss + c * mean k3(log ref - log pi)."""
+    groups = fixed_groups()
+    model, reference = tiny_model(), tiny_model(seed=1)  # different weights: KL > 0
+    ref = copy.deepcopy(model)
+    lr, clip, coef = 0.05, 10.0, 0.5
+    stats = train_step(
+        model,
+        torch.optim.SGD(model.parameters(), lr=lr),
+        groups,
+        StepConfig(loss=loss_settings("asympo"), micro_batch=micro_batch, grad_clip=clip,
+                   kl_coef=coef),
+        reference=reference,
+    )  # fmt: skip
+    _, ref_norm, _, _, _ = reference_gradient_step(
+        ref, groups, lr, clip, "asympo", kl_coef=coef, reference=reference
+    )
+    assert stats["grad_norm"] == pytest.approx(ref_norm, rel=1e-4)
+    assert ref_norm < clip
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert stats["kl"] > 1e-3
+
+
+def test_the_kl_penalty_of_the_policy_itself_is_zero_and_changes_nothing() -> None:
+    groups = fixed_groups()
+    model = tiny_model()
+    with_kl, plain = copy.deepcopy(model), copy.deepcopy(model)
+    cfg = StepConfig(loss=loss_settings("asympo"), grad_clip=10.0)
+    a = train_step(with_kl, torch.optim.SGD(with_kl.parameters(), lr=0.05), groups,
+                   dataclasses.replace(cfg, kl_coef=1.0), reference=model)  # fmt: skip
+    b = train_step(plain, torch.optim.SGD(plain.parameters(), lr=0.05), groups, cfg)
+    assert a["kl"] == 0.0 and "kl" not in b
+    for p, q in zip(with_kl.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_a_kl_penalty_without_a_reference_is_refused() -> None:
+    model = tiny_model()
+    with pytest.raises(ValueError, match="reference"):
+        train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), fixed_groups(),
+                   StepConfig(kl_coef=0.1))  # fmt: skip
 
 
 def test_a_negative_entropy_coefficient_is_refused() -> None:

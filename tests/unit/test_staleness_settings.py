@@ -39,12 +39,20 @@ def test_each_step_trains_at_the_scheduled_rate(policy: Policy, tmp_path: Path) 
     assert expected[0] < expected[1] > expected[3] > expected[4]  # warm-up and decay both ran
 
 
-def test_the_entropy_bonus_reaches_the_step(policy: Policy, tmp_path: Path) -> None:
+def test_the_entropy_bonus_and_the_kl_penalty_reach_the_step(
+    policy: Policy, tmp_path: Path
+) -> None:
     plain = run_grid(policy, SMALL, tmp_path / "a", resume=False, log=lambda _: None).runs[0]
     bonus_cfg = dataclasses.replace(SMALL, entropy_coef=1.0)
     bonus = run_grid(policy, bonus_cfg, tmp_path / "b", resume=False, log=lambda _: None).runs[0]
     # Same prompts and sampling noise at step 0, so the first gradients differ only by it.
     assert plain.steps[0]["grad_norm"] != pytest.approx(bonus.steps[0]["grad_norm"], rel=1e-3)
+    # The untrained model earns no reward here, so the bonus is what moves the policy.
+    kl_cfg = dataclasses.replace(SMALL, entropy_coef=1.0, kl_coef=1.0)
+    kl = run_grid(policy, kl_cfg, tmp_path / "c", resume=False, log=lambda _: None).runs[0]
+    # The reference is the warm start: no KL at step 0, some once the policy moved.
+    assert kl.steps[0]["kl"] == 0.0 and kl.steps[-1]["kl"] > 0.0
+    assert "kl" not in plain.steps[0]
 
 
 def test_settings_added_later_keep_earlier_budget_keys() -> None:
@@ -56,6 +64,7 @@ def test_settings_added_later_keep_earlier_budget_keys() -> None:
     for changed in (
         dataclasses.replace(SMALL, lr_decay_steps=10),
         dataclasses.replace(SMALL, entropy_coef=0.01),
+        dataclasses.replace(SMALL, kl_coef=0.01),
         dataclasses.replace(SMALL, learner_loss=AsympoLoss(weight_cap=2.0)),
     ):
         assert changed.budget_key("m") != key
