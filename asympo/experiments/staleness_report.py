@@ -221,6 +221,52 @@ def plot_balance(cells: Sequence[CellSummary], out: Path) -> Path:
     return out
 
 
+DYNAMICS = (
+    ("entropy", "entropy of completion tokens (nats)"),
+    ("update_share_positive", "update share of positives (‖∂L/∂z‖⁺ / total)"),
+    ("reward_mean", "sampled reward"),
+)
+
+
+def mean_step_curve(runs: Sequence[RunResult], key: str, window: int = 10) -> list[float]:
+    """``key`` per step averaged over ``runs`` (seeds), then a trailing mean over ``window``."""
+    steps = min(len(r.steps) for r in runs)
+    per_step = [statistics.fmean(r.steps[t][key] for r in runs) for t in range(steps)]
+    return [statistics.fmean(per_step[max(0, t - window + 1) : t + 1]) for t in range(steps)]
+
+
+def plot_dynamics(runs: Sequence[RunResult], out: Path) -> Path:
+    """Entropy, update split and reward over the steps, one line per (loss, staleness)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(DYNAMICS), figsize=(4.4 * len(DYNAMICS), 3.4))
+    ks = sorted({r.staleness for r in runs})
+    for loss in sorted({r.loss for r in runs}, key=_loss_order):
+        for k in ks:
+            cell = [r for r in runs if r.loss == loss and r.staleness == k and r.steps]
+            if not cell:
+                continue
+            label = loss if len(ks) == 1 else f"{loss} k={k}"
+            for ax, (key, _) in zip(axes, DYNAMICS, strict=True):
+                curve = mean_step_curve(cell, key)
+                ax.plot(range(1, len(curve) + 1), curve, label=label)
+    for ax, (_, title) in zip(axes, DYNAMICS, strict=True):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("learner step")
+        ax.grid(alpha=0.3)
+    axes[1].axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("mean over seeds, trailing mean over 10 steps", fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def _rounded(value: Any) -> Any:
     if isinstance(value, float):
         return float(f"{value:.6g}") if math.isfinite(value) else None
@@ -333,12 +379,14 @@ def write_report(
         "json": out_dir / f"{stem}_results.json",
         "accuracy_png": out_dir / f"{stem}_accuracy.png",
         "balance_png": out_dir / f"{stem}_balance.png",
+        "dynamics_png": out_dir / f"{stem}_dynamics.png",
     }
     paths["json"].write_text(
         json.dumps(results_json(cfg, runs, cells, warm_accuracy, model_path, command)) + "\n"
     )
     plot_accuracy(runs, warm_accuracy, paths["accuracy_png"])
     plot_balance(cells, paths["balance_png"])
+    plot_dynamics(runs, paths["dynamics_png"])
     seconds = sum(r.seconds for r in runs)
     lr_text = f"{cfg.lr}{_schedule_note(cfg)}"
     body = f"""# Staleness experiment: ASymPO vs. naive and behaviour-corrected losses
@@ -383,6 +431,8 @@ all equal (the others have zero advantage and train nothing).
 ![held-out accuracy vs step, one panel per staleness]({paths["accuracy_png"].name})
 
 ![loss balance and NLL ratio vs staleness]({paths["balance_png"].name})
+
+![entropy, update split and reward over the steps]({paths["dynamics_png"].name})
 
 Machine-readable: [`{paths["json"].name}`]({paths["json"].name}) (configuration,
 cell statistics, every run's accuracy curve and statistics; the per-step learner

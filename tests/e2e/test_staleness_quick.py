@@ -76,7 +76,7 @@ def test_report_table_has_a_complete_row_per_cell(
         fields = [f.strip() for f in row.strip("|").split("|")]
         assert len(fields) == 15 and all(fields) and "nan" not in row.lower()
     assert "asympo experiment staleness" in (out / "staleness.md").read_text()
-    for png in ("staleness_accuracy.png", "staleness_balance.png"):
+    for png in ("staleness_accuracy.png", "staleness_balance.png", "staleness_dynamics.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
