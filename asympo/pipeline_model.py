@@ -6,7 +6,10 @@ swapping it into the engines). With per-sample stage times ``t_i`` (seconds per 
 on the stage's own resources):
 
 * **synchronous** (``max_staleness = 0``): the stages take turns, each step waits for
-  the previous one's weights, so ``samples/s = B / (B * sum(t_i) + publish + swap)``;
+  the previous one's weights, so ``samples/s = B / (B * sum(t_i) + publish + swap +
+  hand-offs)``, where a stage's hand-off is latency after its own work that the next
+  stage waits for only when they take turns (the part of a publish that runs on the
+  publisher's thread while the learner trains on: upload, verification, announcement);
 * **asynchronous** (``max_staleness >= 1``): every stage works on a different step at
   once, so the slowest one sets the pace: ``samples/s = B / max(B * t_i + own per-step
   cost)`` (the learner publishes, the generator swaps);
@@ -36,6 +39,7 @@ class Stage:
     seconds_per_sample: float
     per_step_s: float = 0.0
     cores: float = 0.0  # cores kept busy while working (0 = not on the shared cores)
+    handoff_s: float = 0.0  # latency the next stage waits for only when stages take turns
 
     def step_seconds(self, batch: int) -> float:
         """Seconds this stage needs for one step of ``batch`` samples."""
@@ -72,7 +76,7 @@ def project(
     if not stages:
         raise ValueError("the pipeline needs at least one stage")
     step = {s.name: s.step_seconds(batch) for s in stages}
-    sync = batch / sum(step.values())
+    sync = batch / sum(step[s.name] + s.handoff_s for s in stages)
     slowest = max(stages, key=lambda s: step[s.name])
     async_rate = batch / step[slowest.name]
     core_bound = None

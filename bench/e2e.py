@@ -66,6 +66,9 @@ TARGET_MODEL_GAP = 0.10  # |measured async/sync - model async/sync| / model
 BUSY = "asympo_rollout_busy_seconds_total"
 SWAP_SUM = "asympo_weight_swap_seconds_sum"
 SWAP_COUNT = "asympo_weight_swap_seconds_count"
+# the learner: from a snapshot until the store has it verified and announced
+PUBLISH_SUM = "asympo_learner_publish_latency_seconds_sum"
+PUBLISH_COUNT = "asympo_learner_publish_latency_seconds_count"
 
 
 @dataclass
@@ -222,7 +225,10 @@ def run_setting(
     settings = with_run_defaults(settings)
     started = time.time()
     try:
-        with Scraper(settings.rollout.http_port, [BUSY, SWAP_SUM, SWAP_COUNT]) as sc:
+        with (
+            Scraper(settings.rollout.http_port, [BUSY, SWAP_SUM, SWAP_COUNT]) as sc,
+            Scraper(settings.learner.http_port, [PUBLISH_SUM, PUBLISH_COUNT]) as lc,
+        ):
             result = run_up(settings, url, live=True)
         if result.interrupted:
             raise KeyboardInterrupt
@@ -259,6 +265,7 @@ def run_setting(
         "step_publish_s": statistics.median(r["publish_s"] for r in window),
         "groups_dropped_stale": window[-1]["groups_dropped_stale"],
         "swap_s": window_mean(sc, SWAP_SUM, SWAP_COUNT, t0, t1),
+        "publish_latency_s": window_mean(lc, PUBLISH_SUM, PUBLISH_COUNT, t0, t1),
     }
     return row, groups, prompts
 
@@ -418,6 +425,10 @@ def report(
     publish = statistics.fmean(r["step_publish_s"] for r in rows)
     swaps = [r["swap_s"] for r in rows if r["swap_s"] is not None]
     swap = statistics.fmean(swaps) if swaps else 0.0
+    # The publish past the learner's blocked part (upload, verification, announcement) is
+    # a hand-off: the next step's generation waits for it only when the stages take turns.
+    latencies = [r["publish_latency_s"] for r in rows if r.get("publish_latency_s") is not None]
+    handoff = max(statistics.fmean(latencies) - publish, 0.0) if latencies else 0.0
     stage_limits = {
         "train": 1 / train_s,
         **({"generate": 1 / gen_s} if gen_s else {}),
@@ -446,6 +457,7 @@ def report(
             "generate_s_per_sample": gen_s,
             "reward_s_per_sample": reward_s,
             "publish_s": publish,
+            "publish_handoff_s": handoff,
             "swap_s": swap,
         },
         "stage_limits_samples_per_s": stage_limits,
@@ -455,7 +467,7 @@ def report(
         cores = float(os.cpu_count() or 1)
         stages = [
             Stage("generate", gen_s, swap, cores=float(threads["rollout"])),
-            Stage("train", train_s, publish, cores=float(threads["learner"])),
+            Stage("train", train_s, publish, cores=float(threads["learner"]), handoff_s=handoff),
         ]
         if reward_s:
             # The verifier pool's workers are processes of their own, busy together.
@@ -513,6 +525,11 @@ def render(rep: dict[str, Any]) -> str:
     lines.append("")
     limits = ", ".join(f"{k} {v:.1f}" for k, v in rep["stage_limits_samples_per_s"].items())
     lines.append(f"stages alone (samples/s): {limits}")
+    st = rep["stages"]
+    lines.append(
+        f"per step: swap {st['swap_s']:.3f} s, publish blocked {st['publish_s']:.3f} s +"
+        f" hand-off {st.get('publish_handoff_s', 0.0):.3f} s (until announced)"
+    )
     if "model" in rep:
         mo, t = rep["model"], rep["targets"]
         lines.append(

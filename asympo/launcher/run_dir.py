@@ -33,7 +33,8 @@ class RunResult:
 
 
 def with_run_defaults(settings: Settings) -> Settings:
-    """Fill per-run values: fresh tokens when empty, unset directories inside ``run_dir``.
+    """Fill per-run values: fresh tokens when empty, unset directories inside ``run_dir``,
+    and (one machine) the rollout replicas reading the run's weight store in place.
 
     A directory counts as unset when the user gave no value for it (file, environment
     or ``--set``), whatever its value: ``--set weights.store_dir=runs/weights`` keeps
@@ -55,10 +56,16 @@ def with_run_defaults(settings: Settings) -> Settings:
         updates["learner"] = settings.learner.model_copy(
             update={"checkpoint_dir": str(run_dir / "checkpoints")}
         )
+    rollout: dict[str, Any] = {}
     if "work_dir" not in settings.rollout.model_fields_set:
-        updates["rollout"] = settings.rollout.model_copy(
-            update={"work_dir": str(run_dir / "rollout")}
-        )
+        rollout["work_dir"] = str(run_dir / "rollout")
+    if "shared_store_dir" not in settings.rollout.model_fields_set:
+        # One machine: the replicas open each version in place in the run's store instead
+        # of fetching a copy (a swap without the transfer; docs/weights.md).
+        store = weights.get("store_dir", settings.weights.store_dir)
+        rollout["shared_store_dir"] = str(store)
+    if rollout:
+        updates["rollout"] = settings.rollout.model_copy(update=rollout)
     return settings.model_copy(update=updates)
 
 

@@ -659,9 +659,37 @@ def open_shared(store_root: str | Path, version: int) -> FetchResult | None:
     return FetchResult(directory, manifest, 0)
 
 
+def link_shared(shared: FetchResult, dest_root: str | Path) -> FetchResult | None:
+    """Hard links to a version opened in place (:func:`open_shared`), in ``dest_root``.
+
+    Free on the same filesystem, and the files then outlive the store's retention (it
+    deletes its own directory entries, not the inodes), so a replica can always load
+    the version it serves again. None when links are not possible (another filesystem):
+    the caller keeps the store's path.
+    """
+    root = Path(dest_root)
+    final = root / shared.path.name
+    if (final / MANIFEST_NAME).is_file():
+        return FetchResult(final, shared.manifest, 0)
+    partial = root / f".partial-link-{shared.path.name}"
+    try:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        for child in shared.path.iterdir():
+            if child.is_file():
+                os.link(child, partial / child.name)
+        os.replace(partial, final)
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)
+        return None
+    return FetchResult(final, shared.manifest, 0)
+
+
 def prune_local(dest_root: str | Path, keep: set[int]) -> list[int]:
     """Delete fetched versions in ``dest_root`` except ``keep``; returns what went."""
-    removed = []
+    removed: list[int] = []
+    if not Path(dest_root).is_dir():
+        return removed
     for child in Path(dest_root).iterdir():
         if child.name.isdigit() and int(child.name) not in keep:
             shutil.rmtree(child, ignore_errors=True)

@@ -160,8 +160,13 @@ class WeightSwapper:
         return SwapOutcome(version, True, diff, seconds, "ok", source)
 
     def _restore(self) -> None:
-        """Put the served version's weights back (under ``lock``)."""
-        if self.path is None and self.fetch is not None and self.version >= 0:
+        """Put the served version's weights back (under ``lock``).
+
+        The served version's files may be gone: a broadcast version has none, and a version
+        opened in place in a shared store is pruned once enough newer ones exist. Then they
+        are fetched (again) first."""
+        gone = self.path is None or not self.path.exists()
+        if gone and self.fetch is not None and self.version >= 0:
             self.path = self.fetch(self.version)
         if self.path is not None:
             self.engine.load_weights(self.path)

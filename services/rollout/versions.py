@@ -28,8 +28,10 @@ from asympo.config import Settings
 from asympo.transport.streams import Subscriber
 from asympo.transport.weight_broadcast import BroadcastState
 from asympo.transport.weights_client import (
+    FetchResult,
     WeightsClient,
     WeightsClientError,
+    link_shared,
     open_shared,
     prune_local,
 )
@@ -150,10 +152,19 @@ class VersionFollower:
             settings.streams.max_entry_bytes,
         )
 
+    def _open_shared(self, version: int) -> FetchResult | None:
+        """``version`` in the shared store, hard-linked into the work directory when it can
+        be (so retention cannot take the files of the version being served)."""
+        if not self.shared_store_dir:
+            return None
+        shared = open_shared(self.shared_store_dir, version)
+        if shared is None:
+            return None
+        return link_shared(shared, self.work_dir) or shared
+
     def fetch(self, version: int) -> Path:
         """``version``'s verified files (in place in a shared store, else fetched)."""
-        shared = open_shared(self.shared_store_dir, version) if self.shared_store_dir else None
-        return (shared or self.weights.fetch_into(version, self.work_dir)).path
+        return (self._open_shared(version) or self.weights.fetch_into(version, self.work_dir)).path
 
     def apply_broadcast(self) -> SwapOutcome | None:
         """Offer the version the workers received over the broadcast, if it is newer; on
@@ -190,7 +201,7 @@ class VersionFollower:
         if version <= self.swapper.version or version in self.refused:
             return None
         start = time.monotonic()
-        shared = open_shared(self.shared_store_dir, version) if self.shared_store_dir else None
+        shared = self._open_shared(version)
         try:
             result = shared or self.weights.fetch_into(version, self.work_dir)
         except WeightsClientError as exc:
@@ -200,8 +211,7 @@ class VersionFollower:
         seconds = time.monotonic() - start
         if outcome.accepted:
             metrics.SWAP_SECONDS.observe(seconds)
-            if shared is None:
-                prune_local(self.work_dir, keep={outcome.version})
+            prune_local(self.work_dir, keep={outcome.version})
         else:
             self.refused.add(version)
         self.outcomes.append(outcome)

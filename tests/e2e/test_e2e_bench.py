@@ -62,5 +62,8 @@ def test_short_e2e_bench_accounts_for_every_setting(tmp_path: Path, redis_url: s
     # The verifiers alone on the same responses: the pipeline's third stage.
     assert rep["stages"]["reward_s_per_sample"] > 0
     assert set(rep["stage_limits_samples_per_s"]) == {"train", "reward"}
+    # The learner's publish latency was scraped: its background part is the sync hand-off.
+    assert all(r["publish_latency_s"] is not None and r["publish_latency_s"] > 0 for r in rows)
+    assert rep["stages"]["publish_handoff_s"] >= 0.0
     text = bench.render(rep)
     assert "samples/s" in text and "stages alone" in text

@@ -37,6 +37,7 @@ from asympo.transport.weights_client import (
     WeightsIntegrityError,
     WeightsNotFound,
     build_manifest,
+    link_shared,
     open_shared,
     write_shards,
 )
@@ -238,6 +239,26 @@ def test_shared_volume_opens_a_stored_version_in_place_or_not_at_all(
     with shard.open("ab") as f:  # a shard that is not the declared size is not used
         f.write(b"x")
     assert open_shared(root, 1) is None
+
+
+def test_linked_shared_version_outlives_the_store_retention(
+    service: WeightsService, client: WeightsClient, tmp_path: Path
+) -> None:
+    """A replica's hard links to the version it serves survive the store deleting it."""
+    client.publish_state_dict(small_state(5), version=1)
+    opened = open_shared(service.store.root, 1)
+    assert opened is not None
+    linked = link_shared(opened, tmp_path / "rollout")
+    assert linked is not None and linked.path != opened.path and linked.bytes_received == 0
+    shard = linked.manifest.shards[0].name
+    assert (linked.path / shard).stat().st_ino == (opened.path / shard).stat().st_ino
+    for v in range(2, 2 + service.store.keep_last):  # enough newer versions to retire v1
+        client.publish_state_dict(small_state(v), version=v)
+    service.store.prune()
+    assert open_shared(service.store.root, 1) is None  # gone from the store ...
+    loaded = load_file(str(linked.path / shard))  # ... and still whole for the replica
+    assert all(torch.equal(loaded[k], v) for k, v in small_state(5).items())
+    assert link_shared(opened, tmp_path / "rollout") is not None  # again: already linked
 
 
 def test_interrupted_publish_never_visible_and_concurrent_fetches_see_complete_versions(

@@ -24,6 +24,16 @@ def test_sync_is_one_over_the_sum_and_async_one_over_the_max() -> None:
     assert p.speedup == pytest.approx(1.6)
 
 
+def test_a_hand_off_slows_only_the_synchronous_pipeline() -> None:
+    """The background part of a publish is on the critical path only when stages take turns."""
+    plain = [Stage("generate", 0.01), Stage("train", 0.004, 0.1)]
+    handed = [Stage("generate", 0.01), Stage("train", 0.004, 0.1, handoff_s=0.4)]
+    a, b = project(plain, batch=100, max_staleness=2), project(handed, batch=100, max_staleness=2)
+    assert b.sync_samples_per_s == pytest.approx(100 / 1.9)  # 1.0 + (0.4 + 0.1 publish) + 0.4
+    assert a.sync_samples_per_s == pytest.approx(100 / 1.5)
+    assert b.async_samples_per_s == a.async_samples_per_s == pytest.approx(100 / 1.0)
+
+
 def test_max_staleness_zero_is_the_synchronous_rate() -> None:
     stages = [Stage("generate", 0.01), Stage("train", 0.02)]
     p = project(stages, batch=10, max_staleness=0)
