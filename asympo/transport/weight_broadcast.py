@@ -29,6 +29,7 @@ the version from the durable store instead (services/rollout/versions.py) and jo
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -260,7 +261,12 @@ class BroadcastGroup:
         return version, dict(self.layout.unpack(self._flat))
 
     def close(self) -> None:
-        """Leave the group (the peers' next operation fails, not hangs past the timeout)."""
+        """Leave the group together with the other ranks (they all call ``close``), then
+        shut it down. Without that rendezvous a rank that exits while a peer still tears
+        down its pairs aborts in gloo's destructor; a peer already gone makes the
+        rendezvous fail at once, and the group is shut down all the same."""
+        with contextlib.suppress(RuntimeError):
+            self._channel.broadcast(torch.zeros(1), datetime.timedelta(seconds=10))
         self._channel.close()
 
 
