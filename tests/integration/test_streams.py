@@ -511,6 +511,39 @@ def test_produce_and_ack_many_is_one_round_trip_of_atomic_commits(
     assert produce_and_ack_many([], consumer) == []
 
 
+def test_produce_and_ack_many_survives_a_redis_script_cache_lost_mid_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Redis restart between the pipeline's script check and its EVALSHAs (the chaos
+    test's rollout died of NOSCRIPT there): the batch is sent again, written once."""
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        client = connect(server.url)
+        src, out = "in", "out"
+        Producer(client, src, records_pb2.RolloutGroup).send_many(
+            [rollout_group(1), rollout_group(2)]
+        )
+        consumer = Consumer(client, src, "g", "c", records_pb2.RolloutGroup, "dl")
+        output = Producer(client, out, records_pb2.ScoredGroup, maxlen=None)
+        items = [
+            ([(output, records_pb2.ScoredGroup(rollout=d.msg))], d, f"o:{d.msg.group_id}")
+            for d in consumer.read(count=10)
+        ]
+        client.script_flush()  # what a restart does to the cache
+        checks = []
+        real = redis.client.Pipeline.load_scripts
+
+        def checked_before_the_restart(pipe: Any) -> None:
+            checks.append(1)
+            if len(checks) > 1:  # only the first pipeline's check happened "before"
+                real(pipe)
+
+        monkeypatch.setattr(redis.client.Pipeline, "load_scripts", checked_before_the_restart)
+        results = produce_and_ack_many(items, consumer)
+        assert [r.duplicate for r in results] == [False, False]
+        assert client.xlen(out) == 2 and client.xpending(src, "g")["pending"] == 0
+        client.close()
+
+
 # --------------------------------------------------------------------------- connection
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from google.protobuf.message import Message
+from redis.exceptions import NoScriptError
 
 from asympo.transport.streams.codec import FIELD_MSG, FIELD_TYPE, as_str
 from asympo.transport.streams.consumer import Consumer, Delivery, entry_ids
@@ -130,11 +131,26 @@ def produce_and_ack_many(
     if not items:
         return []
     script = _script(consumer)
-    pipe = consumer.redis.pipeline(transaction=False)
-    for outputs, deliveries, once_key in items:
-        keys, args = _produce_and_ack_call(outputs, consumer, deliveries, once_key, once_ttl_s)
-        script(keys=keys, args=args, client=pipe)
-    results = cast("list[list[Any]]", pipe.execute())
+    calls = [
+        _produce_and_ack_call(outputs, consumer, deliveries, once_key, once_ttl_s)
+        for outputs, deliveries, once_key in items
+    ]
+
+    def send() -> list[list[Any]]:
+        pipe = consumer.redis.pipeline(transaction=False)
+        for keys, args in calls:
+            script(keys=keys, args=args, client=pipe)
+        return cast("list[list[Any]]", pipe.execute())
+
+    try:
+        results = send()
+    except NoScriptError:
+        # Redis restarted between the pipeline's script check and its commands (the
+        # pipeline's reconnect re-sent EVALSHA to a server whose script cache is empty).
+        # Every call was refused before running, and each is idempotent by its once-key:
+        # load the script and send the batch again.
+        consumer.redis.script_load(_PRODUCE_AND_ACK)
+        results = send()
     return [
         Committed([as_str(i) for i in ids], duplicate=not bool(fresh)) for fresh, ids in results
     ]
