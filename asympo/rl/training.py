@@ -340,8 +340,10 @@ def train_step(
     entropy (mean over completion tokens, nats), grad_norm (before clipping),
     update_norm_positive / update_norm_negative / update_share_positive (the update split
     at the logits, see :func:`asympo.rl.losses.logit_grad_norms`), zero_adv_groups, groups,
-    samples, tokens, reward_mean, and clip_fraction / ratio_mean / ratio_max for
-    behaviour-corrected losses.
+    samples, tokens, reward_mean, clip_fraction / ratio_mean / ratio_max for
+    behaviour-corrected losses, and kl (the mean k3 estimate per completion token) when
+    ``cfg.kl_coef`` > 0. loss and the update split are the policy loss's alone, without the
+    entropy bonus or the KL penalty.
 
     Every micro-batch's loss is its sum divided by the *global* count the loss averages
     over (responses or tokens, all ranks), so the accumulated gradient is the full-batch
