@@ -334,6 +334,14 @@ def run_and_audit(tmp_path: Path, server: AofRedis, transport: str = "store") ->
             orphans[(streams.prompts, "rollout")] = set(held)
             faults.append(f"SIGKILL rollout at v{run.version()} holding {sum(held.values())}")
             run.start("rollout", "rollout-b")
+            if transport == "broadcast":
+                # The new replica joins the running learner's group and takes a version
+                # over it: wait for that before killing the learner, or (on a slow
+                # machine) the kill can come first and leave too few versions to see it.
+                run.wait_for(
+                    "rollout-b to serve a version over the broadcast",
+                    lambda: bool(served_via_broadcast(run_dir).get("rollout-b")),
+                )
 
             # One step after a checkpoint, so the restarted learner must re-do a step.
             # Checkpoints land on multiples of CHECKPOINT_EVERY: kill on the step after one
@@ -376,10 +384,10 @@ def run_and_audit(tmp_path: Path, server: AofRedis, transport: str = "store") ->
             served = served_via_broadcast(run_dir)
             print(f"versions served via the broadcast: {served}")
             # The direct path was in use, not only its store fallback: by the first replica
-            # and by the one started after its kill (which joined the running group). The
-            # restarted learner's new group is joined again too, but only 2-4 versions are
-            # left after that restart here, which may all come from the store while the
-            # replica rejoins (tests/integration/test_broadcast_swap.py covers the rejoin).
+            # and by the one started after its kill (which joined the running group; waited
+            # for above). The restarted learner's new group is joined again too, but only
+            # 2-4 versions are left after that restart here, which may all come from the
+            # store while the replica rejoins (test_broadcast_swap.py covers the rejoin).
             assert served.get("rollout-a"), served
             assert served.get("rollout-b"), served
     finally:
