@@ -42,11 +42,11 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import redis
 import torch
@@ -60,6 +60,7 @@ from asympo.transport.streams import decode
 from asympo.v1 import records_pb2
 
 LOCAL_URL = "redis://127.0.0.1:6379/0"
+T = TypeVar("T")
 UNTRAINED_DIR = Path(".cache/bench/tiny-untrained")
 TARGET_OF_SLOWEST = 0.7  # samples/s at max_staleness=2 over the slowest stage alone
 TARGET_MODEL_GAP = 0.10  # |measured async/sync - model async/sync| / model
@@ -270,6 +271,26 @@ def run_setting(
     return row, groups, prompts
 
 
+def full_batches(items: Sequence[T], size: int, reps: int, what: str) -> list[list[T]]:
+    """The first ``reps + 1`` whole batches of ``size`` items (the first one is a warm-up)."""
+    batches = [list(items[i : i + size]) for i in range(0, len(items) - size + 1, size)]
+    if len(batches) < 2:
+        raise RuntimeError(f"too few batches of the synchronous run to time {what} alone")
+    return batches[: reps + 1]
+
+
+def median_seconds(batches: Sequence[T], run: Callable[[T], object]) -> float:
+    """Median wall seconds of ``run(batch)`` over ``batches`` after the first, which pays
+    one-time allocations and connections."""
+    times = []
+    for i, batch in enumerate(batches):
+        start = time.perf_counter()
+        run(batch)
+        if i:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def isolated_train(
     cfg: BenchConfig, settings: Settings, model_path: str, groups: list[records_pb2.ScoredGroup]
 ) -> float:
@@ -283,18 +304,13 @@ def isolated_train(
     tok = load_tokenizer(model_path)
     pad = int(tok.pad_token_id if tok.pad_token_id is not None else 0)
     optimizer, scheduler = make_optimizer(model, settings)
+    step_cfg = step_config(settings)
     train = [group_from_scored(g) for g in groups]
-    batches = [train[i : i + cfg.groups] for i in range(0, len(train), cfg.groups)]
-    batches = [b for b in batches if len(b) == cfg.groups][: cfg.isolate_reps + 1]
-    if len(batches) < 2:
-        raise RuntimeError("too few scored groups to time train_step alone")
-    times = []
-    for i, batch in enumerate(batches):
-        start = time.perf_counter()
-        train_step(model, optimizer, batch, step_config(settings), scheduler, pad_id=pad)
-        if i:  # the first step pays one-time allocations
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) / (cfg.groups * cfg.samples)
+    batches = full_batches(train, cfg.groups, cfg.isolate_reps, "train_step")
+    seconds = median_seconds(
+        batches, lambda b: train_step(model, optimizer, b, step_cfg, scheduler, pad_id=pad)
+    )
+    return seconds / (cfg.groups * cfg.samples)
 
 
 def isolated_reward(
@@ -314,20 +330,11 @@ def isolated_reward(
         for s in g.rollout.samples
     ]
     per_step = cfg.groups * cfg.samples
-    batches = [items[i : i + per_step] for i in range(0, len(items), per_step)]
-    batches = [b for b in batches if len(b) == per_step][: cfg.isolate_reps + 1]
-    if len(batches) < 2:
-        raise RuntimeError("too few scored groups to time the verifiers alone")
+    batches = full_batches(items, per_step, cfg.isolate_reps, "the verifiers")
     with VerifierPool(
         rc.pool_size, rc.time_limit_s, plugins=rc.plugins, format_reward=rc.format_reward
     ) as pool:
-        times = []
-        for i, batch in enumerate(batches):
-            start = time.perf_counter()
-            pool.score_many(batch)
-            if i:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times) / per_step
+        return median_seconds(batches, pool.score_many) / per_step
 
 
 def isolated_generate(
@@ -339,16 +346,9 @@ def isolated_generate(
 
     engine = create_engine(settings, model_path)
     try:
-        batches = [prompts[i : i + cfg.groups] for i in range(0, len(prompts), cfg.groups)]
-        batches = [b for b in batches if len(b) == cfg.groups][: cfg.isolate_reps + 1]
-        times = []
-        for i, batch in enumerate(batches):
-            reqs = requests_for(batch, engine)
-            start = time.perf_counter()
-            engine.generate(reqs)
-            if i:
-                times.append(time.perf_counter() - start)
-        return statistics.median(times) / (cfg.groups * cfg.samples)
+        batches = full_batches(prompts, cfg.groups, cfg.isolate_reps, "the engine")
+        requests = [requests_for(b, engine) for b in batches]
+        return median_seconds(requests, engine.generate) / (cfg.groups * cfg.samples)
     finally:
         engine.close()
 

@@ -43,6 +43,18 @@ from asympo.verifiers import resolve_verifier, run_verifier
 Log = Callable[[str], None]
 
 
+# Fields added after runs were recorded: at their defaults they stay out of the budget key.
+ADDED_LATER = (
+    "prompt_format",
+    "prompt_preset",
+    "warmup_steps",
+    "lr_decay_steps",
+    "min_lr_ratio",
+    "entropy_coef",
+    "kl_coef",
+)
+
+
 @dataclass(frozen=True)
 class StalenessConfig:
     """The grid and the per-run budget (identical for every cell)."""
@@ -93,17 +105,9 @@ class StalenessConfig:
         fields = self.as_dict()
         for axis in ("losses", "staleness", "seeds", "threads"):
             fields.pop(axis)
-        added_later: tuple[tuple[str, object], ...] = (
-            ("prompt_format", "raw"),
-            ("prompt_preset", ""),
-            ("warmup_steps", 0),
-            ("lr_decay_steps", 0),
-            ("min_lr_ratio", 0.1),
-            ("entropy_coef", 0.0),
-            ("kl_coef", 0.0),
-        )
-        for name, default in added_later:
-            if fields[name] == default:  # keys of runs made before these fields existed hold
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in ADDED_LATER:
+            if fields[name] == defaults[name]:  # keys of runs made before it existed hold
                 fields.pop(name)
         if fields["learner_loss"].get("weight_cap") == 0.0:
             fields["learner_loss"].pop("weight_cap")

@@ -429,7 +429,7 @@ def train_step(
             (terms.total * scale).backward()
             assert lp.grad is not None and entropy is not None and sum_p2 is not None
             policy_weight = lp.grad
-            kl = torch.zeros_like(lp)
+            kl_sum = lp.new_zeros(())
             if with_kl:
                 assert reference is not None
                 with torch.no_grad():
@@ -440,7 +440,7 @@ def train_step(
                     # KL(pi || ref) of samples drawn from pi; its gradient in log pi is
                     # 1 - exp(d) (the penalty's token weight, added to the loss's).
                     d = torch.where(mb.completion_mask, ref - lp.detach(), torch.zeros_like(lp))
-                    kl = (torch.exp(d) - d - 1.0) * mb.completion_mask
+                    kl_sum = ((torch.exp(d) - d - 1.0) * mb.completion_mask).sum()
                     lp.grad = lp.grad + kl_scale * (1.0 - torch.exp(d)) * mb.completion_mask
             if with_bonus:
                 # One backward through the model for both: the loss's token weights into
@@ -461,7 +461,7 @@ def train_step(
                 torch.stack(
                     [
                         (entropy * mb.completion_mask).sum(),
-                        kl.sum(),
+                        kl_sum,
                         torch.where(mb.advantages > 0, per_row, zero).sum(),
                         torch.where(mb.advantages < 0, per_row, zero).sum(),
                     ]

@@ -162,9 +162,13 @@ class VersionFollower:
             return None
         return link_shared(shared, self.work_dir) or shared
 
+    def _files(self, version: int) -> FetchResult:
+        """``version``'s verified files: in place in a shared store, else fetched."""
+        return self._open_shared(version) or self.weights.fetch_into(version, self.work_dir)
+
     def fetch(self, version: int) -> Path:
         """``version``'s verified files (in place in a shared store, else fetched)."""
-        return (self._open_shared(version) or self.weights.fetch_into(version, self.work_dir)).path
+        return self._files(version).path
 
     def apply_broadcast(self) -> SwapOutcome | None:
         """Offer the version the workers received over the broadcast, if it is newer; on
@@ -201,9 +205,8 @@ class VersionFollower:
         if version <= self.swapper.version or version in self.refused:
             return None
         start = time.monotonic()
-        shared = self._open_shared(version)
         try:
-            result = shared or self.weights.fetch_into(version, self.work_dir)
+            result = self._files(version)
         except WeightsClientError as exc:
             log.error("cannot fetch version %d: %s", version, exc)
             return None
